@@ -1,0 +1,333 @@
+"""The loss-configuration grammar: every form of the spec -> one internal form.
+
+All of these describe the same loss for an energy target with forces and stress:
+
+.. code-block:: yaml
+
+    loss: mse                       # global shorthand
+
+    loss:                           # per-target mapping, MLIP keys
+      energy:
+        type: mse
+        forces: mse
+        stress: {type: mse, weight: 1.0}
+
+    loss:                           # internal form
+      energy:
+        type: mse
+        weight: 1.0
+        reduction: mean
+        gradients:
+          positions: {type: mse, weight: 1.0, reduction: mean}
+          strain: {type: mse, weight: 1.0, reduction: mean}
+
+:func:`expand_loss_config` returns the internal form as plain nested dicts with every
+default filled in, or raises a ``ValueError`` naming the offending key path.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from typing import Any
+
+from pl_mtt.registry import PARAM_KINDS, REQUIRED, LossType, get_loss_type, loss_type_names
+
+__all__ = ["expand_loss_config", "gradient_alias", "is_energy_like", "requested_gradients"]
+
+DEFAULT_TYPE = "mse"
+DEFAULT_WEIGHT = 1.0
+DEFAULT_REDUCTION = "mean"
+
+# MLIP keys of an energy-like target -> the gradient they name
+MLIP_GRADIENT_KEYS = {"forces": "positions", "stress": "strain", "virial": "strain"}
+COMMON_TERM_KEYS = ("type", "weight", "reduction")
+
+
+def _to_plain(value: Any) -> Any:
+    """OmegaConf containers -> plain Python containers (other values unchanged)."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+    except ImportError:  # pragma: no cover - omegaconf comes with hydra-core
+        return value
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def _suggest(word: Any, choices: list[str]) -> str:
+    close = difflib.get_close_matches(str(word), choices, n=1, cutoff=0.5)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def _expected_list(choices: list[str]) -> str:
+    return ", ".join(f"'{c}'" for c in choices)
+
+
+def is_energy_like(name: str, options: Mapping[str, Any] | None) -> bool:
+    """Whether a training target is an energy (``quantity: energy`` or named ``energy``)."""
+    quantity = (options or {}).get("quantity")
+    return quantity == "energy" or (name == "energy" and quantity in (None, ""))
+
+
+def _is_requested(option: Any) -> bool:
+    """``forces: true``, a mapping (``read_from`` ...) or a key name turn a gradient on."""
+    if isinstance(option, bool) or option is None:
+        return bool(option)
+    if isinstance(option, (Mapping, str)):
+        return True
+    raise ValueError(f"expected true, false or a mapping, got {option!r}")
+
+
+def requested_gradients(name: str, options: Mapping[str, Any] | None) -> list[str]:
+    """Gradient names a training target provides, from its options.
+
+    ``forces`` -> ``positions``; ``stress``/``virial`` -> ``strain`` (energy-like
+    targets only); an explicit ``gradients`` list or mapping adds any other name.
+    Nothing is on by default.
+    """
+    options = _to_plain(options) or {}
+    path = f"targets.{name}"
+    if not isinstance(options, Mapping):
+        raise ValueError(f"{path}: expected a mapping of target options, got {options!r}")
+    gradients: list[str] = []
+    energy_like = is_energy_like(name, options)
+    on = {}
+    for key in MLIP_GRADIENT_KEYS:
+        if key not in options:
+            continue
+        try:
+            on[key] = _is_requested(options[key])
+        except ValueError as error:
+            raise ValueError(f"{path}.{key}: {error}") from None
+        if on[key] and not energy_like:
+            raise ValueError(
+                f"{path}.{key}: '{key}' is only available for energy-like targets "
+                f"(quantity: energy or the name 'energy'); target '{name}' has "
+                f"quantity {options.get('quantity')!r}"
+            )
+    if on.get("stress") and on.get("virial"):
+        raise ValueError(f"{path}: give either 'stress' or 'virial', not both")
+    if on.get("forces"):
+        gradients.append("positions")
+    if on.get("stress") or on.get("virial"):
+        gradients.append("strain")
+    explicit = options.get("gradients")
+    if explicit is not None:
+        if isinstance(explicit, str) or not isinstance(explicit, (list, tuple, Mapping)):
+            raise ValueError(
+                f"{path}.gradients: expected a list or mapping of gradient names, got {explicit!r}"
+            )
+        for gradient in explicit:
+            if not isinstance(gradient, str):
+                raise ValueError(f"{path}.gradients: gradient names are strings, got {gradient!r}")
+            if gradient not in gradients:
+                gradients.append(gradient)
+    return gradients
+
+
+def gradient_alias(target_name: str, options: Mapping[str, Any] | None, gradient: str) -> str:
+    """Readable name of a gradient: ``forces``/``stress``/``virial`` for energies."""
+    options = _to_plain(options) or {}
+    if is_energy_like(target_name, options):
+        if gradient == "positions":
+            return "forces"
+        if gradient == "strain":
+            return "virial" if _is_requested(options.get("virial", False)) else "stress"
+    return gradient
+
+
+def _loss_type(value: Any, path: str) -> LossType:
+    if not isinstance(value, str):
+        raise ValueError(f"{path}: expected a loss type name (a string), got {value!r}")
+    try:
+        return get_loss_type(value)
+    except KeyError:
+        names = loss_type_names()
+        raise ValueError(
+            f"{path}: unknown loss type '{value}'. Valid types: {_expected_list(names)}."
+            f"{_suggest(value, names)}"
+        ) from None
+
+
+def _check_gradient_support(loss_type: LossType, path: str) -> None:
+    if not loss_type.supports_gradients:
+        raise ValueError(
+            f"{path}: loss type '{loss_type.name}' cannot be used on a gradient; "
+            f"use e.g. 'mse', 'mae' or 'huber'"
+        )
+
+
+def _expand_term(
+    spec: Any, path: str, *, allowed_extra: tuple[str, ...] = (), on_gradient: bool = False
+) -> dict:
+    """One loss term (string shorthand or mapping) -> full mapping without gradients.
+
+    Keys in ``allowed_extra`` (gradients, forces, stress, virial) are accepted but not
+    expanded here: the caller handles them.
+    """
+    if isinstance(spec, str):
+        spec = {"type": spec}
+    if spec is None:
+        spec = {}
+    if not isinstance(spec, Mapping):
+        raise ValueError(
+            f"{path}: expected a loss type name or a mapping with 'type', 'weight', "
+            f"'reduction', got {spec!r}"
+        )
+    type_path = f"{path}.type"
+    loss_type = _loss_type(spec.get("type", DEFAULT_TYPE), type_path)
+    if on_gradient:
+        _check_gradient_support(loss_type, type_path)
+    term: dict[str, Any] = {"type": loss_type.name}
+
+    weight = spec.get("weight", DEFAULT_WEIGHT)
+    try:
+        term["weight"] = PARAM_KINDS["non_negative_float"](weight)
+    except ValueError as error:
+        raise ValueError(f"{path}.weight: expected {error}, got {weight!r}") from None
+
+    reduction = spec.get("reduction", DEFAULT_REDUCTION)
+    if reduction not in loss_type.reductions:
+        raise ValueError(
+            f"{path}.reduction: invalid reduction {reduction!r} for loss type "
+            f"'{loss_type.name}'; expected one of {_expected_list(list(loss_type.reductions))}."
+            f"{_suggest(reduction, list(loss_type.reductions))}"
+        )
+    term["reduction"] = reduction
+
+    for param_name, param in loss_type.params.items():
+        param_path = f"{path}.{param_name}"
+        if param_name in spec:
+            try:
+                term[param_name] = param.convert(spec[param_name])
+            except (ValueError, TypeError) as error:
+                raise ValueError(
+                    f"{param_path}: expected {error}, got {spec[param_name]!r}"
+                ) from None
+        elif param.default is REQUIRED:
+            raise ValueError(
+                f"{param_path}: loss type '{loss_type.name}' requires parameter '{param_name}'"
+            )
+        else:
+            term[param_name] = param.default
+
+    valid = [*COMMON_TERM_KEYS, *loss_type.params, *allowed_extra]
+    for key in spec:
+        if key not in valid:
+            raise ValueError(
+                f"{path}.{key}: unknown key '{key}' for loss type '{loss_type.name}'. "
+                f"Valid keys: {_expected_list(valid)}.{_suggest(key, valid)}"
+            )
+    return term
+
+
+def _expand_target(name: str, spec: Any, options: Mapping[str, Any], gradients: list[str]) -> dict:
+    path = f"loss.{name}"
+    energy_like = is_energy_like(name, options)
+    mapping = spec if isinstance(spec, Mapping) else {}
+    for key, gradient in MLIP_GRADIENT_KEYS.items():
+        if key in mapping and not energy_like:
+            raise ValueError(
+                f"{path}.{key}: '{key}' is only available for energy-like targets "
+                f"(quantity: energy or the name 'energy'); target '{name}' has "
+                f"quantity {options.get('quantity')!r}. Use 'gradients: {{{gradient}: ...}}' "
+                f"for a custom gradient"
+            )
+    extra_keys = ("gradients", *MLIP_GRADIENT_KEYS) if energy_like else ("gradients",)
+    term = _expand_term(spec, path, allowed_extra=extra_keys)
+    spec = mapping
+
+    given: dict[str, tuple[str, Any]] = {}  # gradient name -> (key path, spec)
+    for key, gradient in MLIP_GRADIENT_KEYS.items():
+        if key not in spec:
+            continue
+        if gradient in given:
+            raise ValueError(f"{path}: give either 'stress' or 'virial', not both")
+        given[gradient] = (f"{path}.{key}", spec[key])
+
+    explicit = spec.get("gradients")
+    if explicit is not None:
+        if not isinstance(explicit, Mapping):
+            raise ValueError(
+                f"{path}.gradients: expected a mapping of gradient name -> loss term, "
+                f"got {explicit!r}"
+            )
+        for gradient, gradient_spec in explicit.items():
+            if gradient in given:
+                raise ValueError(
+                    f"{path}.gradients.{gradient}: already given as '{given[gradient][0]}'"
+                )
+            given[gradient] = (f"{path}.gradients.{gradient}", gradient_spec)
+
+    for gradient, (gradient_path, _) in given.items():
+        if gradient not in gradients:
+            provided = ", ".join(gradients) if gradients else "none"
+            raise ValueError(
+                f"{gradient_path}: target '{name}' does not provide gradient '{gradient}' "
+                f"in the training targets (provided: {provided}); request it there "
+                f"(e.g. forces: true / stress: true) or remove this loss entry"
+            )
+
+    term["gradients"] = {}
+    for gradient in gradients:
+        gradient_path, gradient_spec = given.get(gradient, (f"{path}.gradients.{gradient}", None))
+        gradient_term = _expand_term(gradient_spec, gradient_path, on_gradient=True)
+        term["gradients"][gradient] = gradient_term
+    return term
+
+
+def expand_loss_config(loss: Any, targets: Mapping[str, Any]) -> dict[str, dict]:
+    """Expand any loss-config form of the spec into the internal form.
+
+    Args:
+        loss: a loss type name (global shorthand, e.g. ``"mse"``), a mapping of target
+            name -> loss term (type name or mapping; dict or OmegaConf ``DictConfig``),
+            or ``None`` for all defaults.
+        targets: training target name -> target options as in the spec's
+            ``training_set.targets`` (``quantity``, ``forces``, ``stress``, ``virial``,
+            ``gradients``, ...).
+
+    Returns:
+        ``{target: {"type", "weight", "reduction", <params>, "gradients": {gradient:
+        {"type", "weight", "reduction", <params>}}}}`` as plain dicts, one entry per
+        training target, every default filled in.
+
+    Raises:
+        ValueError: naming the offending key path and what was expected.
+    """
+    loss = _to_plain(loss)
+    targets = _to_plain(targets)
+    if targets is None:
+        targets = {}
+    if not isinstance(targets, Mapping):
+        raise ValueError(f"targets: expected a mapping of target name -> options, got {targets!r}")
+    target_gradients = {name: requested_gradients(name, opts) for name, opts in targets.items()}
+
+    if loss is None:
+        loss = {}
+    if isinstance(loss, str):
+        term = _expand_term(loss, "loss")
+        expanded = {}
+        for name, gradients in target_gradients.items():
+            if gradients:
+                _check_gradient_support(get_loss_type(term["type"]), "loss")
+            expanded[name] = {**term, "gradients": {g: dict(term) for g in gradients}}
+        return expanded
+    if not isinstance(loss, Mapping):
+        raise ValueError(
+            f"loss: expected a loss type name (e.g. 'mse') or a mapping of target name "
+            f"-> loss term, got {type(loss).__name__} {loss!r}"
+        )
+
+    names = list(targets)
+    for name in loss:
+        if name not in targets:
+            raise ValueError(
+                f"loss.{name}: target '{name}' is not among the training targets. "
+                f"Training targets: {_expected_list(names) or 'none'}.{_suggest(name, names)}"
+            )
+    return {
+        name: _expand_target(name, loss.get(name), targets[name] or {}, target_gradients[name])
+        for name in targets
+    }

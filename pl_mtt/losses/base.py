@@ -1,0 +1,168 @@
+"""The base of every loss term and ``create_loss``.
+
+A term is an ``nn.Module`` called as ``term(predictions, targets, extra_data=None)`` on
+``Dict[str, TensorMap]``. It returns the UNWEIGHTED loss of one target (or of one of
+its gradients); the weight is stored on the term and applied by ``LossModule``.
+
+Subclasses implement :meth:`LossTerm.sum_and_count`, which returns the sum of the
+per-element losses and the number of elements that counted (both tensors, so that no
+host-device synchronisation is needed); :meth:`LossTerm.forward` applies the reduction.
+``LossModule`` uses the same pair for exact epoch means and exact global means under DDP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+
+import torch
+from metatensor.torch import TensorMap
+
+from pl_mtt.registry import REQUIRED, get_loss_type, loss_type_names
+
+__all__ = ["LossTerm", "create_loss", "reduce_loss"]
+
+
+def reduce_loss(total: torch.Tensor, count: torch.Tensor, reduction: str) -> torch.Tensor:
+    """``sum`` -> ``total``; ``mean`` -> ``total / count``, an exact 0 when ``count == 0``.
+
+    The zero keeps ``total``'s autograd path (``total`` is then a sum of zeros).
+    """
+    if reduction == "sum":
+        return total
+    if reduction == "mean":
+        return total / count.clamp(min=1)
+    raise ValueError(f"reduction must be 'mean' or 'sum' here, got {reduction!r}")
+
+
+class LossTerm(torch.nn.Module):
+    """One loss term on one target (``gradient=None``) or one of its gradients.
+
+    Subclasses that read another output than the target's own (ensembles) override
+    :attr:`prediction_key`.
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        gradient: str | None = None,
+        weight: float = 1.0,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__()
+        self.target = name
+        self.gradient = gradient
+        self.weight = float(weight)
+        self.reduction = reduction
+        self._checked_layouts: set[Hashable] = set()
+
+    # -- what the term reads -------------------------------------------------------
+    @property
+    def prediction_key(self) -> str:
+        """Key of the predictions dict this term reads (the target's name by default)."""
+        return self.target
+
+    @property
+    def description(self) -> str:
+        """Human-readable ``target`` or ``target (gradient 'g')`` for error messages."""
+        if self.gradient is None:
+            return f"target '{self.target}'"
+        return f"gradient '{self.gradient}' of target '{self.target}'"
+
+    def lookup(
+        self,
+        tensors: dict[str, TensorMap] | None,
+        key: str,
+        what: str,
+    ) -> TensorMap:
+        """``tensors[key]`` or a ``ValueError`` naming the missing key and where."""
+        if tensors is None or key not in tensors:
+            available = sorted(tensors) if tensors else []
+            raise ValueError(
+                f"loss on {self.description}: '{key}' is missing from {what} "
+                f"(available: {available})"
+            )
+        return tensors[key]
+
+    # -- layout checks -------------------------------------------------------------
+    def check_once(self, signature: Hashable, full_check: Callable[[], None]) -> None:
+        """Run ``full_check`` (which may compare ``Labels``) once per layout signature."""
+        if signature not in self._checked_layouts:
+            full_check()
+            self._checked_layouts.add(signature)
+
+    # -- computation -----------------------------------------------------------------
+    def sum_and_count(
+        self,
+        predictions: dict[str, TensorMap],
+        targets: dict[str, TensorMap],
+        extra_data: dict[str, TensorMap] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sum of per-element losses and the number of elements that counted."""
+        raise NotImplementedError
+
+    def forward(
+        self,
+        predictions: dict[str, TensorMap],
+        targets: dict[str, TensorMap],
+        extra_data: dict[str, TensorMap] | None = None,
+    ) -> torch.Tensor:
+        total, count = self.sum_and_count(predictions, targets, extra_data)
+        return reduce_loss(total, count, self.reduction)
+
+    def extra_repr(self) -> str:
+        gradient = f", gradient={self.gradient!r}" if self.gradient else ""
+        return f"name={self.target!r}{gradient}, weight={self.weight}, reduction={self.reduction!r}"
+
+
+def create_loss(
+    type: str,
+    *,
+    name: str,
+    gradient: str | None = None,
+    weight: float = 1.0,
+    reduction: str = "mean",
+    **params,
+) -> torch.nn.Module:
+    """Build the registered loss term ``type`` for target ``name`` (or its ``gradient``).
+
+    Missing type-specific parameters take their registered defaults. Parameters are
+    converted like config values (numeric strings are accepted).
+
+    >>> term = create_loss("huber", name="energy", gradient="positions", delta=0.5)
+    """
+    try:
+        loss_type = get_loss_type(type)
+    except KeyError:
+        raise ValueError(
+            f"unknown loss type {type!r}; valid types: {', '.join(loss_type_names())}"
+        ) from None
+    if reduction not in loss_type.reductions:
+        raise ValueError(
+            f"loss type '{type}': invalid reduction {reduction!r}; expected one of "
+            f"{', '.join(loss_type.reductions)}"
+        )
+    if gradient is not None and not loss_type.supports_gradients:
+        raise ValueError(f"loss type '{type}' cannot be used on a gradient ('{gradient}')")
+    unknown = sorted(set(params) - set(loss_type.params))
+    if unknown:
+        raise ValueError(
+            f"loss type '{type}': unknown parameter(s) {unknown}; valid: {sorted(loss_type.params)}"
+        )
+    full = {}
+    for param_name, param in loss_type.params.items():
+        if param_name in params:
+            try:
+                full[param_name] = param.convert(params[param_name])
+            except ValueError as error:
+                raise ValueError(
+                    f"loss type '{type}': parameter '{param_name}' must be {error}, "
+                    f"got {params[param_name]!r}"
+                ) from None
+        elif param.default is REQUIRED:
+            raise ValueError(f"loss type '{type}' requires parameter '{param_name}'")
+        else:
+            full[param_name] = param.default
+    return loss_type.factory(
+        name=name, gradient=gradient, weight=weight, reduction=reduction, **full
+    )

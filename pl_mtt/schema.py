@@ -1,0 +1,120 @@
+"""Structured-config schema of the Hydra app, registered in Hydra's ConfigStore.
+
+Groups with a fixed shape are dataclasses, so a misspelt override such as
+``trainer.max_epoch=3`` fails at composition with the name of the bad key. The trainer
+schema is generated from ``lightning.Trainer``'s own signature: every Trainer argument
+is an override away (``trainer.devices=2 trainer.strategy=ddp``).
+
+``loss`` is a string or a mapping, which OmegaConf cannot type as a union: it is
+``Any`` here and validated by :func:`pl_mtt.expand_loss_config` when the app starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning
+from hydra.core.config_store import ConfigStore
+
+__all__ = [
+    "DataConfig",
+    "OptimizerConfig",
+    "ScalerConfig",
+    "TrainConfig",
+    "TrainerConfig",
+    "register_configs",
+]
+
+# set by the app itself, not through the trainer group
+_TRAINER_ARGS_SET_BY_APP = {"self", "logger", "callbacks", "plugins"}
+
+
+def _trainer_config_class() -> type:
+    fields = []
+    for name, parameter in inspect.signature(lightning.Trainer.__init__).parameters.items():
+        if name in _TRAINER_ARGS_SET_BY_APP or parameter.kind in (
+            parameter.VAR_POSITIONAL,
+            parameter.VAR_KEYWORD,
+        ):
+            continue
+        default = parameter.default
+        if default is inspect.Parameter.empty or not isinstance(
+            default, (type(None), bool, int, float, str)
+        ):
+            default = None
+        fields.append((name, Any, field(default=default)))
+    return dataclasses.make_dataclass("TrainerConfig", fields)
+
+
+TrainerConfig = _trainer_config_class()
+TrainerConfig.__doc__ = "Keyword arguments of ``lightning.Trainer`` (generated from it)."
+
+
+@dataclass
+class DataConfig:
+    """Where the structures and targets come from and how they are split and batched.
+
+    .. code-block:: yaml
+
+        data:
+          dataset: emt              # an embedded dataset, or null with `path`
+          path: null                # any file ase.io.read understands
+          targets:                  # the spec's training_set.targets form
+            energy: {quantity: energy, key: energy, forces: true, stress: true}
+          extra_data: {}            # name -> {read_from: file.mts}
+          batch_size: 8
+    """
+
+    dataset: str | None = "emt"
+    path: str | None = None
+    n_structures: int | None = None
+    targets: dict[str, Any] = field(default_factory=dict)
+    extra_data: dict[str, Any] = field(default_factory=dict)
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    batch_size: int = 8
+    num_workers: int = 0
+    split_seed: int = 0
+
+
+@dataclass
+class ScalerConfig:
+    """Target scaling (the spec's ``scale_targets``) and the composition baseline."""
+
+    scale_targets: bool = True
+    composition: bool = True
+    fixed_scales: dict[str, Any] = field(default_factory=dict)
+    per_structure_targets: list[str] = field(default_factory=list)
+    refit_on_resume: bool = False
+
+
+@dataclass
+class OptimizerConfig:
+    """Adam with an optional exponential decay per epoch."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    lr_decay: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    """The whole app config (``conf/config.yaml`` composes onto this)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: Any = None
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    loss: Any = "mse"
+    scaler: ScalerConfig = field(default_factory=ScalerConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    seed: int = 0
+    dry_run: bool = False
+    ckpt_path: str | None = None
+
+
+def register_configs() -> None:
+    """Register the schema in Hydra's ConfigStore (idempotent)."""
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
