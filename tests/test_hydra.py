@@ -58,7 +58,7 @@ def test_cli_overrides(overrides, positions, strain):
 
 
 def test_single_plus_refuses_an_existing_key():
-    with pytest.raises(ConfigCompositionException, match="already at 'loss.energy.stress'"):
+    with pytest.raises(ConfigCompositionException, match=r"already at 'loss\.energy\.stress'"):
         composed("+loss.energy.stress=huber")
 
 
