@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from metatensor.torch import Labels, TensorBlock, TensorMap
+from omegaconf import OmegaConf
 
 from pl_mtt.config import expand_loss_config
 from pl_mtt.functional.dos import dos_alignment_shifts, masked_dos_loss
@@ -287,8 +289,7 @@ def test_gradient_flows_only_through_the_chosen_window(grad_weight, int_weight):
 
 
 # -- the TensorMap adapter -----------------------------------------------------------------
-def test_spec_yaml_example_builds_a_working_term():
-    text = """
+SPEC_EXAMPLE = """
 loss:
   mtt::dos:
     type: "masked_dos"
@@ -297,8 +298,15 @@ loss:
     extra_targets: 200
     reduction: "mean"
 """
-    raw = yaml.safe_load(text)["loss"]
-    assert raw[NAME]["grad_weight"] == "1e-4"  # YAML 1.1: a string
+
+
+@pytest.mark.parametrize("loader", ["plain_yaml", "hydra_group"])
+def test_spec_yaml_example_builds_a_working_term(loader):
+    if loader == "plain_yaml":
+        raw = yaml.safe_load(SPEC_EXAMPLE)["loss"]
+        assert raw[NAME]["grad_weight"] == "1e-4"  # YAML 1.1: a string
+    else:  # the Hydra group file conf/loss/dos.yaml, read by OmegaConf
+        raw = OmegaConf.load(Path(__file__).parent.parent / "conf" / "loss" / "dos.yaml")
     entry = expand_loss_config(raw, {NAME: {}})[NAME]
     assert entry["gradients"] == {}
     params = {
@@ -401,7 +409,9 @@ def test_bad_parameters():
         create_loss("masked_dos", name=NAME, extra_targets=-1)
     with pytest.raises(ValueError, match="requires parameter 'extra_targets'"):
         create_loss("masked_dos", name=NAME)
-    with pytest.raises(ValueError, match="extra_targets must be >= 0"):
+    with pytest.raises(
+        ValueError, match="masked_dos: extra_targets must be a non-negative integer, got -3"
+    ):
         MaskedDOSLoss(name=NAME, extra_targets=-3)
     pred, target, mask = random_case(2, 10, 2, False)
     with pytest.raises(ValueError, match="extra_targets must be a non-negative integer"):

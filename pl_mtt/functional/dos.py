@@ -27,14 +27,26 @@ makes no host-device synchronisation and has no Python loop over structures or s
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 
-__all__ = ["dos_alignment_shifts", "masked_dos_loss", "split_dos_inputs"]
+__all__ = ["check_extra_targets", "dos_alignment_shifts", "masked_dos_loss", "split_dos_inputs"]
 
 # shifts within TIE_ULPS * log2(L) float64 ulps (relative to the correlations' scale)
 # of the minimum are ties: far above FFT rounding, far below any real difference
 TIE_ULPS = 32.0
+
+
+def check_extra_targets(extra_targets: object) -> int:
+    """``extra_targets`` as an ``int`` >= 0, or a ``ValueError``."""
+    try:
+        value = operator.index(extra_targets)  # type: ignore[arg-type]
+    except TypeError:
+        value = -1
+    if isinstance(extra_targets, bool) or value < 0:
+        raise ValueError(f"extra_targets must be a non-negative integer, got {extra_targets!r}")
+    return value
 
 
 def _fft_size(length: int) -> int:
@@ -64,8 +76,7 @@ def split_dos_inputs(
     The returned mask is 0 at NaN targets and has the dtype of ``predictions``.
     Raises ``ValueError`` naming the widths on any layout mismatch.
     """
-    if isinstance(extra_targets, bool) or not isinstance(extra_targets, int) or extra_targets < 0:
-        raise ValueError(f"extra_targets must be a non-negative integer, got {extra_targets!r}")
+    extra_targets = check_extra_targets(extra_targets)
     if predictions.dim() != 2 or targets.dim() != 2 or mask.dim() != 2:
         raise ValueError(
             "DOS predictions, targets and mask must be 2-D (structures, points); got shapes "
@@ -129,9 +140,9 @@ def _search(predictions: torch.Tensor, targets: torch.Tensor, weight: torch.Tens
     scale = scale + 2.0 * torch.linalg.vector_norm(p, dim=1) * torch.linalg.vector_norm(wmt, dim=1)
     tolerance = (TIE_ULPS * math.log2(size) * torch.finfo(torch.float64).eps) * scale
     best = criterion.min(dim=1, keepdim=True).values
-    # first shift within tolerance of the minimum (argmax returns the first maximum);
-    # a fully masked row has criterion == 0 == tolerance everywhere -> shift 0
-    return (criterion <= best + tolerance[:, None]).to(torch.uint8).argmax(dim=1)
+    # first shift within tolerance of the minimum (argmax returns the first maximum)
+    chosen = (criterion <= best + tolerance[:, None]).to(torch.uint8).argmax(dim=1)
+    return torch.where(weight.any(dim=1), chosen, torch.zeros_like(chosen))
 
 
 def dos_alignment_shifts(

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from metatensor.torch import TensorBlock, TensorMap
 
-from pl_mtt.functional.dos import masked_dos_loss
+from pl_mtt.functional.dos import check_extra_targets, masked_dos_loss
 from pl_mtt.losses.base import LossTerm
 from pl_mtt.registry import REQUIRED, Param, register_loss_type
 from pl_mtt.tensormaps import PER_STRUCTURE, layout_signature, sample_kind
@@ -101,10 +101,10 @@ class MaskedDOSLoss(LossTerm):
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        if isinstance(extra_targets, bool) or not isinstance(extra_targets, int):
-            raise ValueError(f"masked_dos: extra_targets must be an integer, got {extra_targets!r}")
-        if extra_targets < 0:
-            raise ValueError(f"masked_dos: extra_targets must be >= 0, got {extra_targets}")
+        try:
+            extra_targets = check_extra_targets(extra_targets)
+        except ValueError as error:
+            raise ValueError(f"masked_dos: {error}") from None
         for name, value in (("grad_weight", grad_weight), ("int_weight", int_weight)):
             if not value >= 0:
                 raise ValueError(f"masked_dos: {name} must be >= 0, got {value!r}")
