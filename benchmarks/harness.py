@@ -15,6 +15,8 @@ approximate (allocator caching), CUDA figures exact.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import gc
 import os
 import platform
@@ -86,6 +88,16 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def _release_free_heap() -> None:
+    """Return freed heap pages to the OS (glibc), so a step's allocations show in the RSS.
+
+    Without this, a step that reuses memory its own warm-up runs freed (small tensors
+    live in malloc arenas, not in fresh mappings) reports ~0 extra memory.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def peak_extra_memory(step: Callable[[], object], device: torch.device) -> int:
     """Peak memory above what was in use before one call of ``step`` (bytes)."""
     gc.collect()
@@ -99,6 +111,7 @@ def peak_extra_memory(step: Callable[[], object], device: torch.device) -> int:
         peak = torch.cuda.max_memory_allocated(device)
         del result
         return max(peak - before, 0)
+    _release_free_heap()
     if not _reset_peak_rss():
         return 0
     before = _rss_bytes("VmRSS")
