@@ -18,7 +18,8 @@
 After :meth:`setup` (called by Lightning, or by hand before building the model):
 ``target_options`` (resolved: pass them to ``LossModule`` / ``expand_loss_config``),
 ``layouts()`` and ``atomic_types`` (for the ``Scaler``), ``train_dataset``,
-``val_dataset``, ``test_dataset``.
+``val_dataset``, ``test_dataset``. Its ``transfer_batch_to_device`` hook moves batches
+to the model's device (a LightningModule's own hook, if any, takes precedence).
 
 Distributed runs: the training loader is a plain shuffled loader, which Lightning
 shards with its ``DistributedSampler`` (padded, so that every rank runs the same number
@@ -36,7 +37,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from pl_mtt.config import _to_plain
-from pl_mtt.data.collate import collate
+from pl_mtt.data.collate import batch_to, collate
 from pl_mtt.data.dataset import AtomisticDataset
 from pl_mtt.data.embedded import EmbeddedDataset, embedded_dataset
 from pl_mtt.data.sampler import StridedShardSampler
@@ -183,6 +184,13 @@ class AtomisticDataModule(lightning.LightningDataModule):
     def layouts(self) -> dict[str, Any]:
         """Zero-sample TensorMaps describing each target (``Scaler`` layouts)."""
         return self._loaded().layouts()
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int):
+        """Lightning hook: move ``(systems, targets, extra_data)`` batches (Lightning
+        itself does not know ``System``/``TensorMap``)."""
+        if isinstance(batch, tuple) and len(batch) == 3 and isinstance(batch[0], list):
+            return batch_to(batch, device)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     # -- loaders --------------------------------------------------------------------
     def _loader(self, dataset: AtomisticDataset, **kwargs: Any) -> DataLoader:

@@ -39,9 +39,9 @@ __all__ = [
 
 DOS_GRID_SPACING = 0.05  # eV
 DOS_EXTRA_TARGETS = 20  # extra points the model predicts (the largest reference shift)
-DOS_SIGMA = 0.1  # Gaussian broadening (eV)
-DOS_E_MIN = -4.5  # first point of the model's grid (eV, common reference)
-DOS_N_POINTS = 120  # points of a target (the model predicts DOS_N_POINTS + extra)
+DOS_SIGMA = 0.2  # Gaussian broadening (eV)
+DOS_E_MIN = -4.7  # first point of the model's grid (eV, common reference)
+DOS_N_POINTS = 130  # points of a target (the model predicts DOS_N_POINTS + extra)
 
 ONSITE = {29: 0.0, 79: -0.6}  # eV
 HOPPING_T0 = 0.5  # eV at r0

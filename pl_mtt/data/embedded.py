@@ -13,7 +13,7 @@ temporary name and renamed, so concurrent processes (DDP ranks) never see half a
 name      default n  content
 ========  =========  ============================================================
 ``emt``   300        Cu/Au bulk and slabs (8-32 atoms), EMT energy/forces/stress
-``dos``   200        same kind of cells, tight-binding DOS ``mtt::dos`` (120 points
+``dos``   200        same kind of cells, tight-binding DOS ``mtt::dos`` (130 points
                      at 0.05 eV) and mask ``mtt::dos_mask`` (``.mts``)
 ========  =========  ============================================================
 """
