@@ -479,3 +479,6 @@ def test_datamodule_on_a_file(emt_file):
     val_batches = list(module.val_dataloader())
     assert [len(batch[0]) for batch in val_batches] == [1]
     assert val_batches[0][1]["energy"].block().values.shape == (1, 1)
+    moved = module.transfer_batch_to_device(val_batches[0], torch.device("cpu"), 0)
+    assert moved[1]["energy"].block().values.device == torch.device("cpu")
+    assert len(moved[0]) == 1

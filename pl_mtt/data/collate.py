@@ -22,14 +22,15 @@ Item = tuple[System, dict[str, TensorMap], dict[str, TensorMap]]
 Batch = tuple[list[System], dict[str, TensorMap], dict[str, TensorMap]]
 
 
-def _join_samples(samples: Sequence[Labels], row_offsets: torch.Tensor | None) -> Labels:
-    """Concatenate sample labels; ``system`` -> batch position, ``sample`` += offset."""
-    names = samples[0].names
-    values = torch.cat([labels.values for labels in samples])
+def _join_samples(
+    names: list[str], parts: Sequence[torch.Tensor], row_offsets: torch.Tensor | None
+) -> Labels:
+    """Concatenate sample arrays; ``system`` -> batch position, ``sample`` += offset."""
+    values = torch.cat(parts)
     # position in the batch of every row (small per-structure fills: torch's
     # repeat_interleave wakes its thread pool, which costs milliseconds on a busy CPU)
     batch_index = torch.cat(
-        [torch.full((len(labels),), i, dtype=torch.int64) for i, labels in enumerate(samples)]
+        [torch.full((len(part),), i, dtype=torch.int64) for i, part in enumerate(parts)]
     )
     if "system" in names:
         values[:, names.index("system")] = batch_index.to(values.dtype)
@@ -39,29 +40,44 @@ def _join_samples(samples: Sequence[Labels], row_offsets: torch.Tensor | None) -
 
 
 def _join_blocks(blocks: Sequence[TensorBlock], what: str) -> TensorBlock:
+    # each metadata access on a TensorBlock costs a TorchScript call: read every
+    # structure's tensors once, take names, components and properties from the first
     first = blocks[0]
-    rows = torch.tensor([len(block.samples) for block in blocks])
-    values = torch.cat([block.values for block in blocks])
+    gradient_names = first.gradients_list()
+    values, samples = [], []
+    gradients: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {
+        name: ([], []) for name in gradient_names
+    }
+    for index, block in enumerate(blocks):
+        values.append(block.values)
+        samples.append(block.samples.values)
+        for name in gradient_names:
+            try:
+                gradient = block.gradient(name)
+            except (RuntimeError, ValueError):
+                raise ValueError(
+                    f"{what}: structure {index} of the batch has no '{name}' gradient"
+                ) from None
+            gradients[name][0].append(gradient.values)
+            gradients[name][1].append(gradient.samples.values)
     joined = TensorBlock(
-        values,
-        _join_samples([block.samples for block in blocks], None),
+        torch.cat(values),
+        _join_samples(first.samples.names, samples, None),
         first.components,
         first.properties,
     )
+    rows = torch.tensor([len(part) for part in values])
     offsets = torch.cumsum(rows, 0) - rows
-    for name in first.gradients_list():
-        gradients = []
-        for index, block in enumerate(blocks):
-            if name not in block.gradients_list():
-                raise ValueError(f"{what}: structure {index} of the batch has no '{name}' gradient")
-            gradients.append(block.gradient(name))
+    for name in gradient_names:
+        gradient = first.gradient(name)
+        g_values, g_samples = gradients[name]
         joined.add_gradient(
             name,
             TensorBlock(
-                torch.cat([g.values for g in gradients]),
-                _join_samples([g.samples for g in gradients], offsets),
-                gradients[0].components,
-                gradients[0].properties,
+                torch.cat(g_values),
+                _join_samples(gradient.samples.names, g_samples, offsets),
+                gradient.components,
+                gradient.properties,
             ),
         )
     return joined
@@ -75,18 +91,18 @@ def join_structures(tensor_maps: Sequence[TensorMap], what: str = "tensor") -> T
     """
     if len(tensor_maps) == 0:
         raise ValueError(f"{what}: cannot join an empty list of TensorMaps")
-    first = tensor_maps[0]
-    keys = first.keys
-    n_blocks = len(keys)
+    keys = tensor_maps[0].keys
+    key_values = keys.values
     for index, tensor_map in enumerate(tensor_maps):
-        if len(tensor_map.keys) != n_blocks or not torch.equal(tensor_map.keys.values, keys.values):
+        other = tensor_map.keys.values
+        if other.shape != key_values.shape or not torch.equal(other, key_values):
             raise ValueError(
-                f"{what}: structure {index} of the batch has keys {tensor_map.keys.values.tolist()}"
-                f", structure 0 has {keys.values.tolist()}"
+                f"{what}: structure {index} of the batch has keys {other.tolist()}, "
+                f"structure 0 has {key_values.tolist()}"
             )
     blocks = [
         _join_blocks([tensor_map.block_by_id(b) for tensor_map in tensor_maps], what)
-        for b in range(n_blocks)
+        for b in range(len(key_values))
     ]
     return TensorMap(keys, blocks)
 

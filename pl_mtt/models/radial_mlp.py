@@ -202,21 +202,23 @@ class RadialMLP(torch.nn.Module):
                 mean.sum(), tensors, create_graph=create_graph, retain_graph=retain_graph
             )
             return {n: g[..., None] for n, g in zip(names, grads, strict=True)}, {}
-        # one batched backward pass for all members: d(sum_b E_bm)/dx for every m
+        # one backward pass per member: on CPU this is 2x faster and needs 30x less
+        # memory than one batched pass (autograd's is_grads_batched or torch.func.vmap
+        # fall back to slow paths for the index_add/index_select of the pair sums);
+        # each pass is fully vectorised over atoms and structures
         members = values.shape[1]
-        outputs = values[:, :, 0]
-        selector = torch.eye(members, dtype=outputs.dtype, device=outputs.device)
-        selector = selector[:, None, :].expand(members, outputs.shape[0], members)
-        grads = torch.autograd.grad(
-            outputs,
-            tensors,
-            grad_outputs=selector,
-            create_graph=create_graph,
-            retain_graph=retain_graph,
-            is_grads_batched=True,
-        )
-        # (M, ...) -> (..., M): properties member-major (one property per member)
-        member_grads = {n: torch.movedim(g, 0, -1) for n, g in zip(names, grads, strict=True)}
+        per_member: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+        for member in range(members):
+            grads = torch.autograd.grad(
+                values[:, member, 0].sum(),
+                tensors,
+                create_graph=create_graph,
+                retain_graph=retain_graph or member < members - 1,
+            )
+            for name, grad in zip(names, grads, strict=True):
+                per_member[name].append(grad)
+        # properties member-major (one property per member): members on the last axis
+        member_grads = {n: torch.stack(g, dim=-1) for n, g in per_member.items()}
         mean_grads = {n: g.mean(dim=-1, keepdim=True) for n, g in member_grads.items()}
         return mean_grads, member_grads
 
