@@ -1,0 +1,44 @@
+"""Data: ase-readable files -> ``metatomic`` Systems + per-structure TensorMaps, batches.
+
+- :class:`AtomisticDataset` (``from_file``), :class:`AtomisticDataModule` (Lightning);
+- :func:`read_targets` (spec-form target options -> TensorMaps + resolved options),
+  :func:`read_extra_data` (``.mts`` files), :func:`write_extxyz` (the inverse);
+- :func:`collate` / :func:`join_structures` (batches), :func:`batch_to` (device moves),
+  :class:`StridedShardSampler` (DDP shards without padding);
+- :func:`embedded_dataset` (``emt``, ``dos``: generated and cached, no download).
+"""
+
+from pl_mtt.data.collate import batch_to, collate, join_structures
+from pl_mtt.data.datamodule import AtomisticDataModule, split_indices
+from pl_mtt.data.dataset import AtomisticDataset
+from pl_mtt.data.embedded import EmbeddedDataset, cache_dir, embedded_dataset
+from pl_mtt.data.extra_data import read_extra_data, split_by_system
+from pl_mtt.data.layout import property_labels, structure_tensor_map, zero_sample_layout
+from pl_mtt.data.sampler import StridedShardSampler
+from pl_mtt.data.systems import atoms_to_system, read_atoms, system_to_atoms
+from pl_mtt.data.targets import read_targets, resolve_target_options
+from pl_mtt.data.writing import write_extxyz
+
+__all__ = [
+    "AtomisticDataModule",
+    "AtomisticDataset",
+    "EmbeddedDataset",
+    "StridedShardSampler",
+    "atoms_to_system",
+    "batch_to",
+    "cache_dir",
+    "collate",
+    "embedded_dataset",
+    "join_structures",
+    "property_labels",
+    "read_atoms",
+    "read_extra_data",
+    "read_targets",
+    "resolve_target_options",
+    "split_by_system",
+    "split_indices",
+    "structure_tensor_map",
+    "system_to_atoms",
+    "write_extxyz",
+    "zero_sample_layout",
+]

@@ -1,0 +1,24 @@
+"""Small reference models with the ``model(systems) -> Dict[str, TensorMap]`` signature.
+
+- :class:`RadialMLP`: radial descriptors -> per-atom MLP -> sum; energies with forces
+  and strain gradients by autograd; DOS heads (``num_properties = n + extra_targets``);
+  shallow last-layer ensembles (``ensemble_size``).
+- building blocks: :class:`RadialDescriptor`, :func:`batch_geometry`,
+  :func:`output_tensor_map`.
+"""
+
+from pl_mtt.models.descriptor import RadialDescriptor, cosine_cutoff, gaussian_basis
+from pl_mtt.models.geometry import BatchGeometry, batch_geometry
+from pl_mtt.models.outputs import ensemble_properties, output_tensor_map
+from pl_mtt.models.radial_mlp import RadialMLP
+
+__all__ = [
+    "BatchGeometry",
+    "RadialDescriptor",
+    "RadialMLP",
+    "batch_geometry",
+    "cosine_cutoff",
+    "ensemble_properties",
+    "gaussian_basis",
+    "output_tensor_map",
+]

@@ -1,0 +1,142 @@
+"""``AtomisticDataset``: structures with their per-structure targets and extra data.
+
+.. code-block:: python
+
+    dataset = AtomisticDataset.from_file(
+        "train.xyz",
+        targets={"energy": {"quantity": "energy"}},          # forces/stress detected
+        extra_data={"energy_mask": {"read_from": "mask.mts"}},
+    )
+    dataset.target_options   # resolved options -> expand_loss_config / LossModule
+    dataset.layouts()        # zero-sample TensorMaps -> Scaler(atomic_types, layouts)
+    system, targets, extra_data = dataset[0]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from metatensor.torch import TensorMap
+from metatomic.torch import System
+
+from pl_mtt.config import _to_plain
+from pl_mtt.data.extra_data import read_extra_data
+from pl_mtt.data.layout import zero_sample_layout
+from pl_mtt.data.systems import read_atoms, systems_from_atoms
+from pl_mtt.data.targets import read_targets
+
+__all__ = ["AtomisticDataset"]
+
+
+class AtomisticDataset(torch.utils.data.Dataset):
+    """A map-style dataset of ``(system, targets, extra_data)`` items.
+
+    Args:
+        systems: the structures.
+        targets: name -> one TensorMap per structure (samples ``system`` 0).
+        extra_data: name -> one TensorMap per structure (e.g. ``<target>_mask``).
+        target_options: name -> resolved target options (see
+            :func:`pl_mtt.data.read_targets`); empty options if not given.
+    """
+
+    def __init__(
+        self,
+        systems: Sequence[System],
+        targets: Mapping[str, Sequence[TensorMap]],
+        extra_data: Mapping[str, Sequence[TensorMap]] | None = None,
+        target_options: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> None:
+        self.systems = list(systems)
+        self.targets = {name: list(values) for name, values in targets.items()}
+        self.extra_data = {name: list(values) for name, values in (extra_data or {}).items()}
+        self.target_options = {
+            name: dict((target_options or {}).get(name, {})) for name in self.targets
+        }
+        for kind, entries in (("target", self.targets), ("extra_data", self.extra_data)):
+            for name, values in entries.items():
+                if len(values) != len(self.systems):
+                    raise ValueError(
+                        f"{kind} '{name}' has {len(values)} entries for "
+                        f"{len(self.systems)} structures"
+                    )
+        self._check_masks()
+
+    @classmethod
+    def from_file(
+        cls,
+        path: str | Path,
+        targets: Mapping[str, Any],
+        extra_data: Mapping[str, Any] | None = None,
+        dtype: torch.dtype = torch.float64,
+    ) -> AtomisticDataset:
+        """Read structures and targets from ``path`` (``ase.io.read``), extra data from
+        ``.mts`` files. Energy-like targets get forces/stress when the file has them."""
+        frames = read_atoms(path)
+        systems = systems_from_atoms(frames, dtype)
+        tensors, resolved = read_targets(path, targets, frames=frames, dtype=dtype)
+        extra = {
+            name: read_extra_data(name, options, len(systems), dtype)
+            for name, options in (_to_plain(extra_data) or {}).items()
+        }
+        return cls(systems, tensors, extra, resolved)
+
+    def __len__(self) -> int:
+        return len(self.systems)
+
+    def __getitem__(self, index: int) -> tuple[System, dict[str, TensorMap], dict[str, TensorMap]]:
+        return (
+            self.systems[index],
+            {name: values[index] for name, values in self.targets.items()},
+            {name: values[index] for name, values in self.extra_data.items()},
+        )
+
+    def subset(self, indices: Sequence[int]) -> AtomisticDataset:
+        """A new dataset with the structures at ``indices`` (same options)."""
+        indices = [int(i) for i in indices]
+        return AtomisticDataset(
+            [self.systems[i] for i in indices],
+            {name: [values[i] for i in indices] for name, values in self.targets.items()},
+            {name: [values[i] for i in indices] for name, values in self.extra_data.items()},
+            self.target_options,
+        )
+
+    @property
+    def atomic_types(self) -> list[int]:
+        """Sorted atomic numbers present in the dataset."""
+        if not self.systems:
+            return []
+        return torch.unique(torch.cat([s.types for s in self.systems])).tolist()
+
+    def layouts(self) -> dict[str, TensorMap]:
+        """Zero-sample TensorMaps describing each target (gradient blocks included)."""
+        if not self.systems:
+            raise ValueError("an empty dataset has no target layouts")
+        return {name: zero_sample_layout(values[0]) for name, values in self.targets.items()}
+
+    def _check_masks(self) -> None:
+        """A ``<target>_mask`` must fit its target (sample names, row and property counts)."""
+        for name, masks in self.extra_data.items():
+            target = name.removesuffix("_mask")
+            if not name.endswith("_mask") or target not in self.targets:
+                continue
+            for index, (mask, value) in enumerate(zip(masks, self.targets[target], strict=True)):
+                if len(mask) != len(value):
+                    raise ValueError(
+                        f"extra_data '{name}': {len(mask)} blocks, target '{target}' has "
+                        f"{len(value)}"
+                    )
+                for mask_block, block in zip(mask.blocks(), value.blocks(), strict=True):
+                    if (
+                        mask_block.samples.names != block.samples.names
+                        or mask_block.values.shape != block.values.shape
+                        or not torch.equal(mask_block.samples.values, block.samples.values)
+                    ):
+                        raise ValueError(
+                            f"extra_data '{name}' of structure {index} does not fit target "
+                            f"'{target}': samples {mask_block.samples.names} and shape "
+                            f"{tuple(mask_block.values.shape)} vs {block.samples.names} and "
+                            f"{tuple(block.values.shape)} (or different sample values)"
+                        )
