@@ -1,4 +1,4 @@
-"""Batching and the reference model's ensemble gradients, against naive versions.
+"""Batching against a naive collate.
 
 .. code-block:: bash
 
@@ -7,9 +7,6 @@
 - ``collate``: ``pl_mtt.data.collate`` (tensor concatenation, a loop over the structures
   of the batch only) against a naive collate that builds every sample row of every atom
   in Python.
-- ``ensemble gradients``: ``RadialMLP`` with ``ensemble_gradients`` (one backward pass
-  per member) against one batched backward pass for all members (autograd's
-  ``is_grads_batched``, whose vmap falls back to slow paths for index_add/index_select).
 """
 
 from __future__ import annotations
@@ -27,8 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from harness import Case, main_for
 
-from pl_mtt.data import AtomisticDataset, batch_to, collate, embedded_dataset
-from pl_mtt.models import RadialMLP
+from pl_mtt.data import AtomisticDataset, collate, embedded_dataset
 
 
 def naive_join(tensor_maps: list[TensorMap]) -> TensorMap:
@@ -130,41 +126,8 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
             )
         )
 
-    systems, _, _ = batch_to(collate([dataset[i] for i in range(8)]), device)
-    members = 4 if quick else 16
-    options = {"ensemble_size": members, "stress": False}
-    torch.manual_seed(0)
-    ours_model = RadialMLP(forces=True, ensemble_gradients=True, **options).to(device).train()
-    torch.manual_seed(0)
-    batched_model = RadialMLP(forces=False, **options).to(device).train()
-
-    def batched_backward():
-        """The alternative: one batched backward pass (autograd's is_grads_batched)."""
-        inputs = [s.positions.detach().requires_grad_(True) for s in systems]
-        moved = [System(s.types, x, s.cell, s.pbc) for s, x in zip(systems, inputs, strict=True)]
-        values = batched_model(moved)["energy_ensemble"].block().values
-        selector = torch.eye(members, dtype=values.dtype, device=values.device)
-        selector = selector[:, None, :].expand(members, values.shape[0], members)
-        return torch.autograd.grad(
-            values, inputs, selector, create_graph=True, is_grads_batched=True
-        )
-
-    def ours():
-        return ours_model(systems)["energy_ensemble"].block().gradient("positions").values
-
-    result.append(
-        Case(
-            "ensemble gradients",
-            f"{members} members, 8 emt structures, forward + member forces (graph kept); "
-            f"baseline: one batched backward (is_grads_batched)",
-            batched_backward,
-            ours,
-            target="one backward per member",
-            repeats=3 if quick else 10,
-        )
-    )
     return result
 
 
 if __name__ == "__main__":
-    main_for(cases, "Data batching and reference-model ensemble gradients")
+    main_for(cases, "Data batching")
