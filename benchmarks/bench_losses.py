@@ -26,10 +26,10 @@ from metatensor.torch import Labels, TensorBlock, TensorMap
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harness import Case, main_for  # noqa: E402
+from harness import Case, main_for
 
-from pl_mtt.functional.ensemble import empirical_crps  # noqa: E402
-from pl_mtt.loss_module import LossModule  # noqa: E402
+from pl_mtt.functional.ensemble import empirical_crps
+from pl_mtt.loss_module import LossModule
 
 MLIP_LOSS = {"energy": {"type": "mse", "forces": "mse", "stress": "mse"}}
 MLIP_TARGETS = {"energy": {"quantity": "energy", "forces": True, "stress": True}}
@@ -60,7 +60,10 @@ def _energy_map(values, forces, strain, n_systems, n_atoms, device) -> TensorMap
         TensorBlock(
             strain,
             _labels(["sample"], torch.arange(n_systems), device),
-            [_labels(["xyz_1"], torch.arange(3), device), _labels(["xyz_2"], torch.arange(3), device)],
+            [
+                _labels(["xyz_1"], torch.arange(3), device),
+                _labels(["xyz_2"], torch.arange(3), device),
+            ],
             properties,
         ),
     )
@@ -73,6 +76,7 @@ def naive_mlip_loss(predictions, targets, config) -> torch.Tensor:
     for target_name, entry in config.items():
         terms = [(None, entry), *entry["gradients"].items()]
         for gradient, term in terms:
+
             def flat(tensor_map, gradient=gradient):
                 blocks = tensor_map.blocks()
                 if gradient is not None:
@@ -105,8 +109,12 @@ def mlip_case(device: torch.device, quick: bool) -> Case:
     predictions = {"energy": _energy_map(*leaves, n_systems, n_atoms, device)}
     targets = {
         "energy": _energy_map(
-            rand(n_systems, 1), rand(n_systems * n_atoms, 3, 1), target_strain,
-            n_systems, n_atoms, device,
+            rand(n_systems, 1),
+            rand(n_systems * n_atoms, 3, 1),
+            target_strain,
+            n_systems,
+            n_atoms,
+            device,
         )
     }
     module = LossModule(MLIP_LOSS, MLIP_TARGETS).to(device)
@@ -153,8 +161,10 @@ def crps_case(device: torch.device, quick: bool, n_members: int) -> Case:
         empirical_crps(members, target).mean().backward()
 
     torch.testing.assert_close(
-        empirical_crps(members, target), pairwise_empirical_crps(members, target),
-        rtol=1e-4, atol=1e-4,
+        empirical_crps(members, target),
+        pairwise_empirical_crps(members, target),
+        rtol=1e-4,
+        atol=1e-4,
     )
     return Case(
         "losses",

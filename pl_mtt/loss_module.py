@@ -49,7 +49,8 @@ class LossAggregate(Metric):
         super().__init__()
         n_terms = len(reductions)
         self.register_buffer(
-            "is_sum", torch.tensor([r == "sum" for r in reductions], dtype=torch.bool),
+            "is_sum",
+            torch.tensor([r == "sum" for r in reductions], dtype=torch.bool),
             persistent=False,
         )
         self.add_state("sums", torch.zeros(n_terms, dtype=torch.float64), dist_reduce_fx="sum")

@@ -91,8 +91,13 @@ def _batch(generator, target_kind):
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize(
     ("target_kind", "gradient"),
-    [("multi_block", None), ("multi_block", "positions"), ("energy", None),
-     ("energy", "positions"), ("energy", "strain")],
+    [
+        ("multi_block", None),
+        ("multi_block", "positions"),
+        ("energy", None),
+        ("energy", "positions"),
+        ("energy", "strain"),
+    ],
 )
 def test_matches_loop_reference(generator, kind, masked, reduction, target_kind, gradient):
     prediction, target, mask = _batch(generator, target_kind)
@@ -100,7 +105,10 @@ def test_matches_loop_reference(generator, kind, masked, reduction, target_kind,
     params = {"delta": delta} if kind == "huber" else {}
     term = create_loss(
         f"masked_{kind}" if masked else kind,
-        name="t", gradient=gradient, reduction=reduction, **params,
+        name="t",
+        gradient=gradient,
+        reduction=reduction,
+        **params,
     )
     extra = {"t_mask": mask} if masked else None
     value = term({"t": prediction}, {"t": target}, extra)
@@ -113,8 +121,11 @@ def test_matches_loop_reference(generator, kind, masked, reduction, target_kind,
 
 @pytest.mark.parametrize(
     ("kind", "torch_loss"),
-    [("mse", torch.nn.MSELoss()), ("mae", torch.nn.L1Loss()),
-     ("huber", torch.nn.HuberLoss(delta=0.4))],
+    [
+        ("mse", torch.nn.MSELoss()),
+        ("mae", torch.nn.L1Loss()),
+        ("huber", torch.nn.HuberLoss(delta=0.4)),
+    ],
 )
 def test_matches_torch_losses_without_nans(generator, kind, torch_loss):
     prediction = multi_block_map(N_ATOMS, generator)
@@ -131,8 +142,14 @@ def _vector_map(values, name="e"):
     values = torch.tensor(values, dtype=torch.float64).reshape(-1, 1)
     return TensorMap(
         Labels.single(),
-        [TensorBlock(values, labels(["system"], torch.arange(len(values))), [],
-                     Labels([name], torch.tensor([[0]])))],
+        [
+            TensorBlock(
+                values,
+                labels(["system"], torch.arange(len(values))),
+                [],
+                Labels([name], torch.tensor([[0]])),
+            )
+        ],
     )
 
 
@@ -170,8 +187,9 @@ def test_functional_hand_computed():
 
 
 # --- gradients ------------------------------------------------------------------------------
-@pytest.mark.parametrize("type_", ["mse", "mae", "huber", "masked_mse", "masked_mae",
-                                   "masked_huber"])
+@pytest.mark.parametrize(
+    "type_", ["mse", "mae", "huber", "masked_mse", "masked_mae", "masked_huber"]
+)
 @pytest.mark.parametrize("gradient", [None, "positions"])
 def test_gradcheck(generator, type_, gradient):
     prediction = multi_block_map([2, 1], generator)
@@ -201,8 +219,9 @@ def test_no_entries_left_is_exact_zero_with_gradient(generator):
     masked = create_loss("masked_mae", name="t")({"t": prediction}, {"t": target}, {"t_mask": mask})
     assert masked.item() == 0.0
     masked.backward()
-    assert torch.equal(prediction.block_by_id(1).values.grad, torch.zeros_like(
-        prediction.block_by_id(1).values))
+    assert torch.equal(
+        prediction.block_by_id(1).values.grad, torch.zeros_like(prediction.block_by_id(1).values)
+    )
 
 
 def test_nan_targets_give_finite_gradients(generator):
@@ -213,8 +232,11 @@ def test_nan_targets_give_finite_gradients(generator):
             {"energy": prediction}, {"energy": target}
         ).backward()
     block = prediction.block_by_id(0)
-    for values in (block.values, block.gradient("positions").values,
-                   block.gradient("strain").values):
+    for values in (
+        block.values,
+        block.gradient("positions").values,
+        block.gradient("strain").values,
+    ):
         assert torch.isfinite(values.grad).all()
 
 
@@ -239,8 +261,9 @@ def test_functional_compiles_fullgraph():
     target[::5, 1] = float("nan")
     mask = (torch.rand(40, 3, generator=generator) > 0.3).double()
     compiled = torch.compile(all_kinds, fullgraph=True, backend="aot_eager")
-    for got, expected in zip(compiled(prediction, target, mask),
-                             all_kinds(prediction, target, mask), strict=True):
+    for got, expected in zip(
+        compiled(prediction, target, mask), all_kinds(prediction, target, mask), strict=True
+    ):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
 
 
@@ -282,8 +305,11 @@ def test_mismatched_sample_count(generator):
     prediction = random_energy([3, 2], generator)
     target = random_energy([3, 2, 2], generator)
     term = create_loss("mse", name="energy", gradient="positions")
-    with pytest.raises(ValueError, match=r"gradient 'positions' of target 'energy'.*"
-                                         r"prediction has 5 samples, the target 7"):
+    with pytest.raises(
+        ValueError,
+        match=r"gradient 'positions' of target 'energy'.*"
+        r"prediction has 5 samples, the target 7",
+    ):
         term({"energy": prediction}, {"energy": target})
 
 
@@ -339,8 +365,11 @@ def test_mask_with_other_shape(generator):
 def test_unknown_gradient(generator):
     prediction, target, _ = _batch(generator, "energy")
     term = create_loss("mse", name="energy", gradient="cell")
-    with pytest.raises(ValueError, match=r"prediction has no gradient 'cell'.*"
-                                         r"positions.*strain"):
+    with pytest.raises(
+        ValueError,
+        match=r"prediction has no gradient 'cell'.*"
+        r"positions.*strain",
+    ):
         term({"energy": prediction}, {"energy": target})
     no_gradients = random_energy(N_ATOMS, generator, gradients=False)
     with pytest.raises(ValueError, match=r"the target has no gradient 'positions'"):
@@ -352,8 +381,11 @@ def test_unknown_gradient(generator):
 def test_target_missing(generator):
     prediction, target, _ = _batch(generator, "energy")
     term = create_loss("mse", name="energy")
-    with pytest.raises(ValueError, match=r"'energy' is missing from predictions \(available: "
-                                         r"\['other'\]\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"'energy' is missing from predictions \(available: "
+        r"\['other'\]\)",
+    ):
         term({"other": prediction}, {"energy": target})
     with pytest.raises(ValueError, match=r"'energy' is missing from targets"):
         term({"energy": prediction}, {})

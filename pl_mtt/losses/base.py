@@ -37,9 +37,7 @@ def values_signature(*groups: Sequence[torch.Tensor] | None) -> Hashable:
     ``Labels`` access), it selects when :meth:`LossTerm.check_once` runs a full check.
     """
     return tuple(
-        None
-        if group is None
-        else tuple((tuple(v.shape[1:]), v.dtype, v.device) for v in group)
+        None if group is None else tuple((tuple(v.shape[1:]), v.dtype, v.device) for v in group)
         for group in groups
     )
 
@@ -160,7 +158,7 @@ class LossTerm(torch.nn.Module):
 def block_name(tensor_map: TensorMap, index: int) -> str:
     """``block 1 (key o3_lambda=2, o3_sigma=1)`` for error messages (reads ``Labels``)."""
     entry = tensor_map.keys.entry(index)
-    key = ", ".join(f"{n}={v}" for n, v in zip(entry.names, entry.values.tolist()))
+    key = ", ".join(f"{n}={v}" for n, v in zip(entry.names, entry.values.tolist(), strict=True))
     return f"block {index} (key {key})"
 
 

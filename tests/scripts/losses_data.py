@@ -75,8 +75,9 @@ def energy_map(
     if strain is not None:
         block.add_gradient(
             "strain",
-            TensorBlock(strain, labels(["sample"], torch.arange(n_systems)), [XYZ_1, XYZ_2],
-                        properties),
+            TensorBlock(
+                strain, labels(["sample"], torch.arange(n_systems)), [XYZ_1, XYZ_2], properties
+            ),
         )
     return TensorMap(Labels.single(), [block])
 
@@ -122,10 +123,10 @@ def multi_block_map(
     for lam, n_properties in ((0, 2), (1, 3)):
         components = [labels(["o3_mu"], torch.arange(-lam, lam + 1))]
         properties = labels(["n"], torch.arange(members * n_properties))
-        values = torch.randn(n, 2 * lam + 1, members * n_properties, generator=generator,
-                             dtype=dtype)
-        block = TensorBlock(values.requires_grad_(requires_grad), samples, components,
-                            properties)
+        values = torch.randn(
+            n, 2 * lam + 1, members * n_properties, generator=generator, dtype=dtype
+        )
+        block = TensorBlock(values.requires_grad_(requires_grad), samples, components, properties)
         if with_gradient:
             gradient_samples = labels(
                 ["sample", "system", "atom"],
@@ -151,13 +152,18 @@ def map_like(tensor_map: TensorMap, transform) -> TensorMap:
     """Same metadata, values (and gradient values) replaced by ``transform(values)``."""
     blocks = []
     for block in tensor_map.blocks():
-        new = TensorBlock(transform(block.values), block.samples, block.components,
-                          block.properties)
+        new = TensorBlock(
+            transform(block.values), block.samples, block.components, block.properties
+        )
         for name, gradient in block.gradients():
             new.add_gradient(
                 name,
-                TensorBlock(transform(gradient.values), gradient.samples, gradient.components,
-                            gradient.properties),
+                TensorBlock(
+                    transform(gradient.values),
+                    gradient.samples,
+                    gradient.components,
+                    gradient.properties,
+                ),
             )
         blocks.append(new)
     return TensorMap(tensor_map.keys, blocks)
