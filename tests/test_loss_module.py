@@ -68,8 +68,13 @@ def weighted_reference(config, predictions, targets):
         ("energy/stress", "strain", entry["gradients"]["strain"]),
     ]:
         values[name] = pointwise_reference(
-            term["type"], predictions["energy"], targets["energy"], None, gradient,
-            term.get("delta", 1.0), term["reduction"],
+            term["type"],
+            predictions["energy"],
+            targets["energy"],
+            None,
+            gradient,
+            term.get("delta", 1.0),
+            term["reduction"],
         )
         total += term["weight"] * values[name]
     return values, total
@@ -103,12 +108,18 @@ def test_mlip_total_is_weighted_sum_of_terms(generator, loss):
 def test_term_names_virial_and_custom_gradients():
     module = LossModule(
         {"mtt::etot": {"forces": "mae", "virial": "mse"}},
-        {"mtt::etot": {"quantity": "energy", "forces": True, "virial": True},
-         "mtt::x": {"gradients": ["positions", "alchemical"]}},
+        {
+            "mtt::etot": {"quantity": "energy", "forces": True, "virial": True},
+            "mtt::x": {"gradients": ["positions", "alchemical"]},
+        },
     )
     assert module.term_names == [
-        "mtt::etot", "mtt::etot/forces", "mtt::etot/virial",
-        "mtt::x", "mtt::x/positions", "mtt::x/alchemical",
+        "mtt::etot",
+        "mtt::etot/forces",
+        "mtt::etot/virial",
+        "mtt::x",
+        "mtt::x/positions",
+        "mtt::x/alchemical",
     ]
     assert module.terms["mtt::x/alchemical"].gradient == "alchemical"
 
@@ -128,8 +139,13 @@ def test_compute_and_reset(generator):
         module(predictions, targets)
         for name, (gradient, term) in terms.items():
             sums[name] += pointwise_reference(
-                term["type"], predictions["energy"], targets["energy"], None, gradient,
-                term.get("delta", 1.0), reduction="sum",
+                term["type"],
+                predictions["energy"],
+                targets["energy"],
+                None,
+                gradient,
+                term.get("delta", 1.0),
+                reduction="sum",
             )
             block = targets["energy"].block_by_id(0)
             values = block.values if gradient is None else block.gradient(gradient).values
@@ -166,8 +182,9 @@ def test_absent_target_is_exact_zero(generator):
     module = LossModule({"energy": {"forces": "mae"}, "mtt::dipole": "mse"}, targets)
     predictions, batch_targets = mlip_batch([3, 2], generator, requires_grad=True)
     total = module(predictions, batch_targets)
-    expected = module.terms["energy"](predictions, batch_targets) + module.terms[
-        "energy/forces"](predictions, batch_targets)
+    expected = module.terms["energy"](predictions, batch_targets) + module.terms["energy/forces"](
+        predictions, batch_targets
+    )
     assert total.item() == pytest.approx(expected.item(), rel=1e-14)
     assert set(module.last_values) == {"energy", "energy/forces"}
     assert module.aggregate.batches.tolist() == [1.0, 1.0, 0.0]
@@ -217,14 +234,24 @@ def test_reduction_none_is_rejected():
 
 def test_masked_terms_and_custom_gradient(generator):
     targets = {"mtt::x": {"gradients": ["positions"]}}
-    module = LossModule({"mtt::x": {"type": "masked_mse", "gradients": {
-        "positions": {"type": "masked_mae", "weight": 0.1, "reduction": "sum"}}}}, targets)
+    module = LossModule(
+        {
+            "mtt::x": {
+                "type": "masked_mse",
+                "gradients": {
+                    "positions": {"type": "masked_mae", "weight": 0.1, "reduction": "sum"}
+                },
+            }
+        },
+        targets,
+    )
     prediction = multi_block_map([2, 3], generator, requires_grad=True)
     target = with_nans(multi_block_map([2, 3], generator), generator)
     mask = map_like(target, lambda v: (torch.rand(v.shape, generator=generator) > 0.4).double())
     total = module({"mtt::x": prediction}, {"mtt::x": target}, {"mtt::x_mask": mask})
     expected = pointwise_reference("mse", prediction, target, mask) + 0.1 * pointwise_reference(
-        "mae", prediction, target, mask, "positions", reduction="sum")
+        "mae", prediction, target, mask, "positions", reduction="sum"
+    )
     assert total.item() == pytest.approx(expected, rel=1e-10)
     assert module.term_names == ["mtt::x", "mtt::x/positions"]
 
@@ -261,14 +288,24 @@ class StubScaler(torch.nn.Module):
         for index, block in enumerate(tensor_map.blocks()):
             factors = self._factors(systems, name, index, block)  # (samples, P)
             shape = (len(factors), *([1] * len(block.components)), factors.shape[-1])
-            new = TensorBlock(block.values * factors.reshape(shape), block.samples,
-                              block.components, block.properties)
+            new = TensorBlock(
+                block.values * factors.reshape(shape),
+                block.samples,
+                block.components,
+                block.properties,
+            )
             for parameter, gradient in block.gradients():
                 parent = gradient.samples.column("sample").long()
                 gshape = (len(parent), *([1] * len(gradient.components)), factors.shape[-1])
-                new.add_gradient(parameter, TensorBlock(
-                    gradient.values * factors[parent].reshape(gshape), gradient.samples,
-                    gradient.components, gradient.properties))
+                new.add_gradient(
+                    parameter,
+                    TensorBlock(
+                        gradient.values * factors[parent].reshape(gshape),
+                        gradient.samples,
+                        gradient.components,
+                        gradient.properties,
+                    ),
+                )
             blocks.append(new)
         return TensorMap(tensor_map.keys, blocks)
 
@@ -291,9 +328,12 @@ def _scaled_by_loops(tensor_map, systems, table, n_members=1):
                 s, a = rows[parent]
                 for column in range(gvalues.shape[-1]):
                     gvalues[r, ..., column] *= table[index][int(systems[s].types[a])][
-                        column % n_properties]
-            new.add_gradient(parameter, TensorBlock(gvalues, gradient.samples,
-                                                    gradient.components, gradient.properties))
+                        column % n_properties
+                    ]
+            new.add_gradient(
+                parameter,
+                TensorBlock(gvalues, gradient.samples, gradient.components, gradient.properties),
+            )
         blocks.append(new)
     return TensorMap(tensor_map.keys, blocks)
 
@@ -311,8 +351,10 @@ def test_per_property_scales_with_stub_scaler(generator):
         "energy": {"quantity": "energy", "forces": True},
         "mtt::multi": {"per_atom": True, "gradients": ["positions"]},
     }
-    loss = {"energy": {"forces": "mse"},
-            "mtt::multi": {"type": "mse", "gradients": {"positions": "mae"}}}
+    loss = {
+        "energy": {"forces": "mse"},
+        "mtt::multi": {"type": "mse", "gradients": {"positions": "mae"}},
+    }
     energy_pred, energy_target = mlip_batch(n_atoms, generator)
     multi_pred = multi_block_map(n_atoms, generator)
     multi_target = with_nans(multi_block_map(n_atoms, generator), generator)
@@ -327,8 +369,9 @@ def test_per_property_scales_with_stub_scaler(generator):
     scaled = _scaled_by_loops(multi_pred, systems, PER_TYPE)
     expected = (
         pointwise_reference("mse", energy_pred["energy"], energy_target["energy"])
-        + pointwise_reference("mse", energy_pred["energy"], energy_target["energy"], None,
-                              "positions")
+        + pointwise_reference(
+            "mse", energy_pred["energy"], energy_target["energy"], None, "positions"
+        )
         + pointwise_reference("mse", scaled, multi_target)
         + pointwise_reference("mae", scaled, multi_target, None, "positions")
     )
@@ -346,15 +389,20 @@ def test_ensemble_output_scaled_per_member(generator):
     ensemble = ensemble_of(multi_block_map(n_atoms, generator), 4, generator)
     scaler = StubScaler({"mtt::multi": PER_TYPE})
     module = LossModule(
-        {"mtt::multi": {"type": "empirical_crps_ensemble",
-                        "gradients": {"positions": "gaussian_nll_ensemble"}}},
+        {
+            "mtt::multi": {
+                "type": "empirical_crps_ensemble",
+                "gradients": {"positions": "gaussian_nll_ensemble"},
+            }
+        },
         {"mtt::multi": {"gradients": ["positions"]}},
         scaler=scaler,
     )
     total = module({"mtt::aux::multi_ensemble": ensemble}, {"mtt::multi": target}, None, systems)
     scaled = _scaled_by_loops(ensemble, systems, PER_TYPE, n_members=4)
     expected = ensemble_reference("empirical_crps_ensemble", scaled, target) + ensemble_reference(
-        "gaussian_nll_ensemble", scaled, target, "positions")
+        "gaussian_nll_ensemble", scaled, target, "positions"
+    )
     assert total.item() == pytest.approx(expected, rel=1e-10)
 
 
@@ -376,8 +424,12 @@ def test_dos_targets_are_not_property_scaled(generator):
     module.terms["mtt::dos"].sum_and_count = fake_dos  # the DOS loss is built elsewhere
     dos = multi_block_map(n_atoms, generator, with_gradient=False)
     multi = multi_block_map(n_atoms, generator, with_gradient=False)
-    module({"mtt::dos": dos, "mtt::multi": multi}, {"mtt::dos": dos, "mtt::multi": multi},
-           None, systems)
+    module(
+        {"mtt::dos": dos, "mtt::multi": multi},
+        {"mtt::dos": dos, "mtt::multi": multi},
+        None,
+        systems,
+    )
     assert scaler.calls == [["mtt::multi"]]
     assert seen["prediction"] is dos
 
@@ -398,47 +450,49 @@ def test_ddp_global_mean_gradient_equals_single_process(run_python):
 
 
 # --- Lightning ------------------------------------------------------------------------------
-@pytest.mark.parametrize(("precision", "dtype"), [("64-true", torch.float64),
-                                                   ("32-true", torch.float32)])
+@pytest.mark.parametrize(
+    ("precision", "dtype"), [("64-true", torch.float64), ("32-true", torch.float32)]
+)
 def test_lightning_training_precision(precision, dtype):
-    import lightning as L
+    import lightning
 
     n_atoms = [3, 2, 4]
     generator = torch.Generator().manual_seed(0)
     batches = []
     for _ in range(3):
         features = torch.randn(sum(n_atoms), 4, generator=generator)
-        targets = {"energy": with_nans(
-            random_energy(n_atoms, generator, dtype=dtype), generator, fraction=0.1)}
+        targets = {
+            "energy": with_nans(
+                random_energy(n_atoms, generator, dtype=dtype), generator, fraction=0.1
+            )
+        }
         batches.append((features, targets))
 
-    class Task(L.LightningModule):
+    class Task(lightning.LightningModule):
         def __init__(self):
             super().__init__()
             self.linear = torch.nn.Linear(4, 4)
-            self.loss = LossModule({"energy": {"forces": "mae", "stress": "huber"}},
-                                   MLIP_TARGETS)
+            self.loss = LossModule({"energy": {"forces": "mae", "stress": "huber"}}, MLIP_TARGETS)
             self.epoch_values = []
 
         def training_step(self, batch, _):
             features, targets = batch
             out = self.linear(features)
             system = torch.tensor([s for s, n in enumerate(n_atoms) for _ in range(n)])
-            energy = torch.zeros(len(n_atoms), 1, dtype=out.dtype).index_add(
-                0, system, out[:, :1])
+            energy = torch.zeros(len(n_atoms), 1, dtype=out.dtype).index_add(0, system, out[:, :1])
             forces = out[:, 1:].unsqueeze(-1)
             strain = out[: len(n_atoms), :3, None, None].expand(-1, 3, 3, 1) * 1.0
             template = targets["energy"].block_by_id(0)
             block = TensorBlock(energy, template.samples, [], template.properties)
             for name, values in (("positions", forces), ("strain", strain)):
                 g = template.gradient(name)
-                block.add_gradient(name, TensorBlock(values, g.samples, g.components,
-                                                     g.properties))
+                block.add_gradient(name, TensorBlock(values, g.samples, g.components, g.properties))
             predictions = {"energy": TensorMap(targets["energy"].keys, [block])}
             total = self.loss(predictions, targets)
             assert total.dtype == dtype
-            self.log_dict({f"train/{k}": v for k, v in self.loss.last_values.items()},
-                          batch_size=len(n_atoms))
+            self.log_dict(
+                {f"train/{k}": v for k, v in self.loss.last_values.items()}, batch_size=len(n_atoms)
+            )
             return total
 
         def on_train_epoch_end(self):
@@ -450,9 +504,15 @@ def test_lightning_training_precision(precision, dtype):
 
     task = Task()
     before = task.linear.weight.detach().clone()
-    trainer = L.Trainer(
-        precision=precision, max_epochs=2, accelerator="cpu", devices=1, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    trainer = lightning.Trainer(
+        precision=precision,
+        max_epochs=2,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     trainer.fit(task, torch.utils.data.DataLoader(batches, batch_size=None))
     assert task.linear.weight.dtype == dtype
@@ -469,4 +529,5 @@ def test_create_loss_terms_match_module_terms(generator):
     predictions, targets = mlip_batch([2, 2], generator)
     direct = create_loss("huber", name="energy", gradient="strain", reduction="sum", delta=0.3)
     assert module.terms["energy/stress"](predictions, targets).item() == pytest.approx(
-        direct(predictions, targets).item(), rel=1e-15)
+        direct(predictions, targets).item(), rel=1e-15
+    )

@@ -22,10 +22,10 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from metatensor.torch import TensorMap  # noqa: E402
+from metatensor.torch import TensorMap
 
-from pl_mtt.loss_module import LossModule  # noqa: E402
-from tests.scripts.losses_data import energy_map, with_nans  # noqa: E402
+from pl_mtt.loss_module import LossModule
+from tests.scripts.losses_data import energy_map, with_nans
 
 N_FEATURES = 4
 TARGETS = {"energy": {"quantity": "energy", "forces": True}, "mtt::dipole": {}}
@@ -202,7 +202,10 @@ def main() -> None:
         ):
             for got, expected in zip(got_step, expected_step, strict=True):
                 torch.testing.assert_close(
-                    got, expected, rtol=1e-12, atol=1e-12,
+                    got,
+                    expected,
+                    rtol=1e-12,
+                    atol=1e-12,
                     msg=lambda m, rank=rank, step=step: f"rank {rank}, step {step}: {m}",
                 )
             assert any(g.abs().sum() > 0 for g in got_step)
@@ -219,4 +222,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-
