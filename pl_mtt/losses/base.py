@@ -20,7 +20,15 @@ from metatensor.torch import TensorBlock, TensorMap
 from pl_mtt.functional.pointwise import reduce_total
 from pl_mtt.registry import REQUIRED, get_loss_type, loss_type_names
 
-__all__ = ["LossTerm", "create_loss", "flatten_values", "reduce_loss", "values_signature"]
+__all__ = [
+    "LossTerm",
+    "block_name",
+    "check_same_layout",
+    "create_loss",
+    "flatten_values",
+    "reduce_loss",
+    "values_signature",
+]
 
 
 def reduce_loss(total: torch.Tensor, count: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -160,6 +168,55 @@ def block_name(tensor_map: TensorMap, index: int) -> str:
     entry = tensor_map.keys.entry(index)
     key = ", ".join(f"{n}={v}" for n, v in zip(entry.names, entry.values.tolist(), strict=True))
     return f"block {index} (key {key})"
+
+
+def _labels_text(labels) -> str:
+    return f"{list(labels.names)} ({len(labels)} entries)"
+
+
+def check_same_layout(
+    term: LossTerm,
+    reference: TensorMap,
+    reference_blocks: list[TensorBlock],
+    other: TensorMap,
+    other_blocks: list[TensorBlock],
+    names: tuple[str, str],
+    *,
+    properties: bool = True,
+) -> None:
+    """Full metadata check: same keys, and per block the same sample count and
+    components (and properties unless ``properties=False``). Raises ``term.error``."""
+    first, second = names
+    if len(reference_blocks) != len(other_blocks) or reference.keys != other.keys:
+        raise term.error(
+            f"{second} keys {_labels_text(other.keys)} differ from the {first} keys "
+            f"{_labels_text(reference.keys)}"
+        )
+    for index, (ref, oth) in enumerate(zip(reference_blocks, other_blocks, strict=True)):
+        where = block_name(reference, index)
+        if len(ref.samples) != len(oth.samples):
+            raise term.error(
+                f"{where}: the {second} has {len(oth.samples)} samples, the {first} "
+                f"{len(ref.samples)}"
+            )
+        if len(ref.components) != len(oth.components) or any(
+            a != b for a, b in zip(ref.components, oth.components, strict=True)
+        ):
+            raise term.error(
+                f"{where}: {second} components {[_labels_text(c) for c in oth.components]} "
+                f"differ from the {first} components "
+                f"{[_labels_text(c) for c in ref.components]}"
+            )
+        if properties and ref.properties != oth.properties:
+            raise term.error(
+                f"{where}: {second} properties {_labels_text(oth.properties)} differ "
+                f"from the {first} properties {_labels_text(ref.properties)}"
+            )
+        if properties and ref.values.shape != oth.values.shape:
+            raise term.error(
+                f"{where}: {second} values have shape {tuple(oth.values.shape)}, the "
+                f"{first} values {tuple(ref.values.shape)}"
+            )
 
 
 def create_loss(

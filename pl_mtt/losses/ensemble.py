@@ -23,8 +23,7 @@ import torch
 from metatensor.torch import TensorBlock, TensorMap
 
 from pl_mtt.functional.ensemble import ENSEMBLE_KINDS, ensemble_sum_and_count, min_members
-from pl_mtt.losses.base import LossTerm, block_name, values_signature
-from pl_mtt.losses.pointwise import check_same_layout
+from pl_mtt.losses.base import LossTerm, block_name, check_same_layout, values_signature
 from pl_mtt.registry import register_loss_type
 from pl_mtt.tensormaps import ensemble_output_name
 

@@ -17,68 +17,19 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-from metatensor.torch import TensorBlock, TensorMap
+from metatensor.torch import TensorMap
 
 from pl_mtt.functional.pointwise import pointwise_sum_and_count
-from pl_mtt.losses.base import LossTerm, block_name, flatten_values, values_signature
+from pl_mtt.losses.base import LossTerm, check_same_layout, flatten_values, values_signature
 from pl_mtt.registry import Param, register_loss_type
 
-__all__ = ["PointwiseLoss", "check_same_layout"]
+__all__ = ["PointwiseLoss"]
 
 
 def _same_shapes(first: list[torch.Tensor], second: list[torch.Tensor]) -> bool:
     return len(first) == len(second) and all(
         a.shape == b.shape for a, b in zip(first, second, strict=True)
     )
-
-
-def _labels_text(labels) -> str:
-    return f"{list(labels.names)} ({len(labels)} entries)"
-
-
-def check_same_layout(
-    term: LossTerm,
-    reference: TensorMap,
-    reference_blocks: list[TensorBlock],
-    other: TensorMap,
-    other_blocks: list[TensorBlock],
-    names: tuple[str, str],
-    *,
-    properties: bool = True,
-) -> None:
-    """Full metadata check: same keys, and per block the same sample count and
-    components (and properties unless ``properties=False``). Raises ``term.error``."""
-    first, second = names
-    if len(reference_blocks) != len(other_blocks) or reference.keys != other.keys:
-        raise term.error(
-            f"{second} keys {_labels_text(other.keys)} differ from the {first} keys "
-            f"{_labels_text(reference.keys)}"
-        )
-    for index, (ref, oth) in enumerate(zip(reference_blocks, other_blocks, strict=True)):
-        where = block_name(reference, index)
-        if len(ref.samples) != len(oth.samples):
-            raise term.error(
-                f"{where}: the {second} has {len(oth.samples)} samples, the {first} "
-                f"{len(ref.samples)}"
-            )
-        if len(ref.components) != len(oth.components) or any(
-            a != b for a, b in zip(ref.components, oth.components, strict=True)
-        ):
-            raise term.error(
-                f"{where}: {second} components {[_labels_text(c) for c in oth.components]} "
-                f"differ from the {first} components "
-                f"{[_labels_text(c) for c in ref.components]}"
-            )
-        if properties and ref.properties != oth.properties:
-            raise term.error(
-                f"{where}: {second} properties {_labels_text(oth.properties)} differ "
-                f"from the {first} properties {_labels_text(ref.properties)}"
-            )
-        if properties and ref.values.shape != oth.values.shape:
-            raise term.error(
-                f"{where}: {second} values have shape {tuple(oth.values.shape)}, the "
-                f"{first} values {tuple(ref.values.shape)}"
-            )
 
 
 class PointwiseLoss(LossTerm):
