@@ -320,7 +320,9 @@ def test_mismatched_keys_and_components(generator):
     term = create_loss("mse", name="t")
     with pytest.raises(ValueError, match=r"target 't'.*prediction keys.*differ"):
         term({"t": one_block}, {"t": target})
-    other_keys = TensorMap(labels(["o3_lambda"], [[0], [2]]), prediction.blocks())
+    other_keys = TensorMap(
+        labels(["o3_lambda"], [[0], [2]]), [b.copy() for b in prediction.blocks()]
+    )
     with pytest.raises(ValueError, match=r"prediction keys.*differ from the target keys"):
         create_loss("mse", name="t")({"t": other_keys}, {"t": target})
     # same shapes, different component labels: caught by the full check
