@@ -57,11 +57,14 @@ class LossAggregate(Metric):
         self.add_state("counts", torch.zeros(n_terms, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("batches", torch.zeros(n_terms, dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, index: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor) -> None:
-        """Add one step's per-term ``sums`` and ``counts`` for the terms at ``index``."""
+    def update(
+        self, index: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor, ones: torch.Tensor
+    ) -> None:
+        """Add one step's per-term ``sums`` and ``counts`` for the terms at ``index``
+        (``ones``: a float64 vector of ones as long as ``index``)."""
         self.sums.index_add_(0, index, sums.to(torch.float64))
         self.counts.index_add_(0, index, counts.to(torch.float64))
-        self.batches.index_add_(0, index, torch.ones_like(self.sums[: len(index)]))
+        self.batches.index_add_(0, index, ones)
 
     def compute(self) -> torch.Tensor:
         denominators = torch.where(self.is_sum, self.batches, self.counts)
@@ -120,6 +123,8 @@ class LossModule(torch.nn.Module):
                 terms.append(create_loss(spec["type"], name=target, gradient=gradient, **params))
         self.term_names: list[str] = names
         self.term_list = torch.nn.ModuleList(terms)
+        # (target, prediction key) of each term, for the presence test
+        self._reads = [(term.target, term.prediction_key) for term in terms]
         self.aggregate = LossAggregate([term.reduction for term in terms])
         self._property_scaled: dict[str, bool] = {}
         self._patterns: dict[Any, tuple[torch.Tensor, ...]] = {}
@@ -155,12 +160,10 @@ class LossModule(torch.nn.Module):
         if self._scaler:
             predictions = self._apply_property_scales(predictions, targets, systems)
         present, sums, counts = [], [], []
-        for index, term in enumerate(self.term_list):
-            if (
-                term.target not in targets
-                and term.target not in predictions
-                and term.prediction_key not in predictions
-            ):
+        for index, (term, (target, output)) in enumerate(
+            zip(self.term_list, self._reads, strict=True)
+        ):
+            if target not in targets and target not in predictions and output not in predictions:
                 continue  # absent from this batch: contributes an exact zero
             total, count = term.sum_and_count(predictions, targets, extra_data)
             present.append(index)
@@ -179,17 +182,21 @@ class LossModule(torch.nn.Module):
         pattern = self._patterns.get(key)
         if pattern is None:
             pattern = self._patterns[key] = self._pattern(present, sums_t)
-        index, weights, is_sum = pattern
-        local = sums_t / counts_t.clamp(min=1).masked_fill(is_sum, 1)
-        if distributed:
-            all_counts = self._zero_counts().index_copy_(0, index, counts_t.to(torch.float64))
-            torch.distributed.all_reduce(all_counts)
-            denominators = all_counts[index].clamp(min=1).masked_fill(is_sum, 1)
-            total = (sums_t / denominators) @ weights * _world_size()
-        else:
-            total = local @ weights
-        self._last = (tuple(present), local.detach())
-        self.aggregate.update(index, sums_t.detach(), counts_t)
+        index, weights, is_sum, ones = pattern
+        with torch.no_grad():
+            # mean terms divide by their element count, sum terms by 1
+            denominators = counts_t.clamp(min=1).masked_fill_(is_sum, 1)
+            local = sums_t.detach() / denominators
+            if distributed:
+                all_counts = self._zero_counts().index_copy_(0, index, counts_t.to(torch.float64))
+                torch.distributed.all_reduce(all_counts)
+                denominators = all_counts[index].clamp(min=1).masked_fill_(is_sum, 1)
+                factors = weights * _world_size() / denominators
+            else:
+                factors = weights / denominators
+        total = torch.dot(sums_t, factors.to(sums_t.dtype))
+        self._last = (tuple(present), local)
+        self.aggregate.update(index, sums_t.detach(), counts_t, ones)
         return total
 
     def _pattern(self, present: list[int], like: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -201,6 +208,7 @@ class LossModule(torch.nn.Module):
             torch.tensor(present, dtype=torch.long, device=device),
             torch.tensor([t.weight for t in terms], dtype=like.dtype, device=device),
             torch.tensor([t.reduction == "sum" for t in terms], dtype=torch.bool, device=device),
+            torch.ones(len(terms), dtype=torch.float64, device=device),
         )
 
     def _zero_counts(self) -> torch.Tensor:

@@ -405,3 +405,21 @@ def test_energy_map_helper_layout():
     assert block.gradient("positions").values.shape == (5, 3, 1)
     assert block.gradient("strain").values.shape == (2, 3, 3, 1)
     assert energy_map(torch.zeros(2, 1), [1, 1]).block_by_id(0).properties.names == ["energy"]
+
+
+def test_predictions_at_ignored_entries_do_not_matter():
+    """NaN/inf predictions where the target is NaN or masked out contribute exactly 0
+    and get a zero gradient (as with metatrain's boolean filtering)."""
+    prediction = torch.tensor([1.0, float("nan"), float("inf"), 4.0], dtype=torch.float64)
+    prediction.requires_grad_(True)
+    target = torch.tensor([0.0, float("nan"), 1.0, 2.0], dtype=torch.float64)
+    mask = torch.tensor([1.0, 1.0, 0.0, 1.0], dtype=torch.float64)
+    for kind in KINDS:
+        total, count = pointwise_sum_and_count(prediction, target, mask, kind=kind)
+        expected = [elementwise_reference(kind, 1.0, 1.0), elementwise_reference(kind, 2.0, 1.0)]
+        assert total.item() == pytest.approx(sum(expected), abs=1e-15)
+        assert count.item() == 2
+        (grad,) = torch.autograd.grad(total, prediction)
+        assert grad[1].item() == 0.0
+        assert grad[2].item() == 0.0
+        assert torch.isfinite(grad).all()

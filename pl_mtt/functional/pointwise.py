@@ -55,15 +55,16 @@ def pointwise_sum_and_count(
     """Sum of the per-entry losses over the entries that count, and their number.
 
     An entry counts when its target is not NaN and (if ``mask`` is given) its mask is
-    nonzero. All three tensors have the same shape. The count is an ``int64`` tensor;
-    when nothing counts the sum is an exact zero that keeps the autograd path.
+    nonzero; the others contribute exactly zero, with a zero gradient, whatever the
+    prediction there. All three tensors have the same shape. The count is an ``int64``
+    tensor; when nothing counts the sum is an exact zero that keeps the autograd path.
     """
     ignored = torch.isnan(target)
     if mask is not None:
         ignored = ignored | (mask == 0)
     difference = (prediction - target).masked_fill(ignored, 0.0)
     total = pointwise_elementwise(difference, kind, delta).sum()
-    return total, ignored.numel() - ignored.sum()
+    return total, ignored.logical_not().sum()
 
 
 def pointwise_loss(
