@@ -126,7 +126,7 @@ class LossModule(torch.nn.Module):
         # (target, prediction key) of each term, for the presence test
         self._reads = [(term.target, term.prediction_key) for term in terms]
         self.aggregate = LossAggregate([term.reduction for term in terms])
-        self._property_scaled: dict[str, bool] = {}
+        self._property_scaled: dict[str, tuple[bool, bool]] = {}
         self._patterns: dict[Any, tuple[torch.Tensor, ...]] = {}
         self._last: tuple[tuple[int, ...], torch.Tensor] | None = None
         self._scaler: tuple[torch.nn.Module, ...] = ()
@@ -240,13 +240,16 @@ class LossModule(torch.nn.Module):
         self._last = None
 
     # -- per-property scales ------------------------------------------------------------
-    def _is_property_scaled(self, target: str, layout: TensorMap) -> bool:
-        scaled = self._property_scaled.get(target)
-        if scaled is None:
-            multi = len(layout) > 1 or len(layout.block_by_id(0).properties) > 1
+    def _property_scaling(self, target: str, layout: TensorMap) -> tuple[bool, bool]:
+        """(gets per-property scales, has per-atom samples), decided on the first layout."""
+        decision = self._property_scaled.get(target)
+        if decision is None:
+            first = layout.block_by_id(0)
+            multi = len(layout) > 1 or len(first.properties) > 1
             scaled = multi and self.config[target]["type"] not in NO_PROPERTY_SCALES
-            self._property_scaled[target] = scaled
-        return scaled
+            per_atom = any(n in ("atom", "first_atom") for n in first.samples.names)
+            decision = self._property_scaled[target] = (scaled, per_atom)
+        return decision
 
     def _apply_property_scales(
         self,
@@ -255,26 +258,33 @@ class LossModule(torch.nn.Module):
         systems: list | None,
     ) -> dict[str, TensorMap]:
         """Predictions of multi-property targets (and their ensemble outputs, per
-        member) times the scaler's per-property scales; a new dict."""
-        layouts = {}
+        member) times the scaler's per-property scales; a new dict.
+
+        The scaler is applied once to a TensorMap of ones with the target's layout,
+        which gives the scale of every entry; the prediction and the ensemble output
+        (each member) are multiplied by it.
+        """
+        layouts, per_atom = {}, []
         for target in self.config:
             layout = targets.get(target, predictions.get(target))
             if layout is None or len(layout) == 0:
                 continue
-            ensemble = ensemble_output_name(target)
-            if (target in predictions or ensemble in predictions) and self._is_property_scaled(
-                target, layout
-            ):
+            if target not in predictions and ensemble_output_name(target) not in predictions:
+                continue
+            scaled, atoms = self._property_scaling(target, layout)
+            if scaled:
                 layouts[target] = _ones_like(layout, list(self.config[target]["gradients"]))
+                if atoms:
+                    per_atom.append(target)
         if not layouts:
             return predictions
-        if systems is None:
+        if systems is None and per_atom:
             raise ValueError(
-                f"LossModule: per-property scales of {sorted(layouts)} need the batch's "
-                f"systems: call loss(predictions, targets, extra_data, systems)"
+                f"LossModule: the per-property scales of the per-atom target(s) {per_atom} "
+                f"depend on atomic types: call loss(predictions, targets, extra_data, systems)"
             )
         scales = self.scaler(
-            systems,
+            [] if systems is None else systems,
             layouts,
             remove=False,
             use_per_target_scales=False,

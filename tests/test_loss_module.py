@@ -382,6 +382,19 @@ def test_per_property_scales_with_stub_scaler(generator):
         module(predictions, targets)
 
 
+def test_per_structure_scales_need_no_systems(generator):
+    scaler = StubScaler({"mtt::dipole": [[2.0, 0.5, 10.0]]})
+    module = LossModule("mae", {"mtt::dipole": {}}, scaler=scaler)
+    prediction = random_energy([2, 3, 1], generator, n_properties=3, gradients=False)
+    target = with_nans(
+        random_energy([2, 3, 1], generator, n_properties=3, gradients=False), generator
+    )
+    total = module({"mtt::dipole": prediction}, {"mtt::dipole": target})
+    scales = torch.tensor([2.0, 0.5, 10.0], dtype=torch.float64)
+    scaled = map_like(prediction, lambda v: v * scales)
+    assert total.item() == pytest.approx(pointwise_reference("mae", scaled, target), rel=1e-12)
+
+
 def test_ensemble_output_scaled_per_member(generator):
     n_atoms = [2, 3]
     systems = systems_for(n_atoms, generator)
