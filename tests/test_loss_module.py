@@ -544,3 +544,34 @@ def test_create_loss_terms_match_module_terms(generator):
     assert module.terms["energy/stress"](predictions, targets).item() == pytest.approx(
         direct(predictions, targets).item(), rel=1e-15
     )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_no_host_device_sync_on_cuda():
+    """After the first call (full metadata checks), a step makes no host-device sync."""
+    generator = torch.Generator().manual_seed(3)
+    device = torch.device("cuda")
+    module = LossModule(WEIGHTED, MLIP_TARGETS).to(device)
+    ensemble_module = LossModule(
+        {"energy": {"type": "empirical_crps_ensemble", "forces": "gaussian_nll_ensemble"}},
+        {"energy": {"quantity": "energy", "forces": True}},
+    ).to(device)
+    batches = []
+    for n_atoms in ([3, 4], [5, 2, 2]):
+        predictions, targets = mlip_batch(n_atoms, generator, requires_grad=False)
+        ensemble = ensemble_of(targets["energy"], 4, generator)
+        batches.append(
+            (
+                {k: v.to(device) for k, v in {**predictions, "energy_ensemble": ensemble}.items()},
+                {k: v.to(device) for k, v in targets.items()},
+            )
+        )
+    module(*batches[0])
+    ensemble_module(*batches[0])
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        module(*batches[1])
+        ensemble_module(*batches[1])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
