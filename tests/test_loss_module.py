@@ -559,7 +559,7 @@ def test_no_host_device_sync_on_cuda():
     batches = []
     for n_atoms in ([3, 4], [5, 2, 2]):
         predictions, targets = mlip_batch(n_atoms, generator, requires_grad=False)
-        ensemble = ensemble_of(targets["energy"], 4, generator)
+        ensemble = ensemble_of(predictions["energy"], 4, generator)
         batches.append(
             (
                 {k: v.to(device) for k, v in {**predictions, "energy_ensemble": ensemble}.items()},
