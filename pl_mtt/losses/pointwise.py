@@ -19,7 +19,7 @@ from functools import partial
 import torch
 from metatensor.torch import TensorMap
 
-from pl_mtt.functional.pointwise import pointwise_sum_and_count
+from pl_mtt.functional.pointwise import POINTWISE_KINDS, pointwise_sum_and_count
 from pl_mtt.losses.base import LossTerm, check_same_layout, flatten_values, values_signature
 from pl_mtt.registry import Param, register_loss_type
 
@@ -42,6 +42,10 @@ class PointwiseLoss(LossTerm):
 
     def __init__(self, *, kind: str, masked: bool = False, delta: float = 1.0, **kwargs) -> None:
         super().__init__(**kwargs)
+        if kind not in POINTWISE_KINDS:
+            raise ValueError(
+                f"unknown pointwise loss kind {kind!r}; expected one of {POINTWISE_KINDS}"
+            )
         self.kind = kind
         self.masked = masked
         self.delta = float(delta)
