@@ -100,27 +100,52 @@ class BatchAtoms:
         self, systems: Sequence[System], table: TypeTable, *, check_types: bool = False
     ) -> None:
         self.table = table
-        sizes = [len(system) for system in systems]
+        self.systems = list(systems)
+        types = [system.types for system in self.systems]
+        sizes = [t.shape[0] for t in types]
         self.n_systems = len(sizes)
-        if sizes:
-            types = torch.cat([system.types for system in systems])
-        else:
-            types = torch.zeros(0, dtype=torch.int32)
-        device = types.device
+        self.types = torch.cat(types) if types else torch.zeros(0, dtype=torch.int32)
+        device = self.types.device
         self.device = device
         self.total_atoms = int(sum(sizes))
         self.n_atoms = torch.tensor(sizes, dtype=torch.long, device=device)
         self.first_atom = torch.cumsum(self.n_atoms, 0) - self.n_atoms
-        self.type_rows = table.rows(types, check=check_types)
+        self.type_rows = table.rows(self.types, check=check_types)
+        self.checked = check_types
         self._counts: torch.Tensor | None = None
+        self._system_of_atom: torch.Tensor | None = None
+
+    _last: BatchAtoms | None = None  # the batch seen last (shared by scaler and baseline)
+
+    @classmethod
+    def of(
+        cls, systems: Sequence[System], table: TypeTable, *, check_types: bool = False
+    ) -> BatchAtoms:
+        """:class:`BatchAtoms` of ``systems``, reused when the same systems (the same
+        objects, in the same order, with the same atomic types) were seen last, so that
+        the scaler, the baseline and the pipeline flatten a batch once."""
+        last = cls._last
+        if (
+            last is not None
+            and (last.table is table or last.table.types == table.types)
+            and len(last.systems) == len(systems)
+            and all(a is b for a, b in zip(last.systems, systems, strict=True))
+        ):
+            if check_types and not last.checked:
+                table.rows(last.types, check=True)
+                last.checked = True
+            return last
+        atoms = cls(systems, table, check_types=check_types)
+        BatchAtoms._last = atoms
+        return atoms
 
     def system_of_atom(self) -> torch.Tensor:
         """``[n_atoms_total]`` index of the system of each atom."""
-        return torch.repeat_interleave(
-            torch.arange(self.n_systems, device=self.device),
-            self.n_atoms,
-            output_size=self.total_atoms,
-        )
+        if self._system_of_atom is None:
+            starts = torch.zeros(self.total_atoms + 1, dtype=torch.long, device=self.device)
+            starts.index_add_(0, self.first_atom, torch.ones_like(self.first_atom))
+            self._system_of_atom = torch.cumsum(starts[: self.total_atoms], 0) - 1
+        return self._system_of_atom
 
     def counts(self) -> torch.Tensor:
         """``[n_systems, n_rows]`` float64 number of atoms of each type per system.

@@ -6,9 +6,10 @@ or per-atom target gets a baseline, unless the target is excluded:
 - per-structure targets: ``y_A ~ x_A . w`` by least squares over structures ``A``,
   ``x_A`` the atom-type counts of ``A`` (for targets that are not divided by the number
   of atoms, the intensive ones in ``per_structure_targets``, the type fractions
-  ``counts / n_atoms``), with a small ridge ``lambda |w|^2`` (``lambda = ridge x`` the mean
-  diagonal of the normal matrix) that only matters for collinear types; types without
-  samples get ``w = 0``;
+  ``counts / n_atoms``); types without samples get ``w = 0`` (a unit ridge on their empty
+  rows of the normal equations), the others the exact least-squares solution (SVD,
+  singular values below ``rcond`` x the largest dropped, so collinear types get the
+  minimum-norm correction to the shift);
 - per-atom targets: ``w_Z`` is the mean of the entries of atoms of type ``Z``.
 
 NaN entries and entries masked out by ``extra_data["<target>_mask"]`` do not count (per
@@ -21,22 +22,28 @@ The scales need second moments of the *residuals* ``r = s_A (y_A - x_A . w)`` (`
 1/n_atoms`` for targets divided by atoms, else 1), but ``w`` is only known at the end.
 Residual moments are quadratic in ``w``, so they follow algebraically from sums kept in
 the same pass. To stay accurate when ``|y/n_atoms| ~ 10^3`` while residuals are
-``~ 10^-2`` (expanded moments around zero would cancel catastrophically), every sum is
-taken around a *shift* ``w0``: a ridge fit on the first batch (toward the batch's mean
-per atom, which types absent from that batch get), chosen on rank 0 and broadcast under
-DDP. With ``y~ = y - x . w0`` the pass keeps, per block and property, in float64:
+``~ 10^-2`` (expanded moments around zero cancel catastrophically: a relative error of
+``10^-16 (10^3 / 10^-2)^2 = 10^-6``), every sum is taken around a *shift* ``w0``, an
+estimate of the baseline. With ``y~ = y - x . w0`` the pass keeps, per block and
+property, in float64:
 
 - ``G = sum x x^T`` and ``c = sum x y~`` (normal equations of ``delta = w - w0``);
 - ``H = sum f f^T`` and ``d = sum f (s y~)`` with ``f = s x = counts / n_atoms``;
 - the scaler's ``S = sum (s y~)^2`` (it accumulates the shifted, divided targets).
 
-After the pass, ``(G + lambda I) delta = c - lambda w0`` gives ``w = w0 + delta`` and the
-residual sum of squares is ``S - 2 delta . d + delta^T H delta`` exactly, with every
-term of the size of the (small) shifted residuals. For per-atom targets the sums are
-``sum y~`` and the count per type, the baseline ``w0 + sum y~ / n`` and the residual
-sum of squares ``S - (sum y~)^2 / n``. :meth:`CompositionModel.sum_corrections` returns
-these corrections for :meth:`pl_mtt.Scaler.add_to_sums`; :func:`pl_mtt.fit_pass.fit_pass`
-runs the whole pass.
+After the pass, ``G delta = c`` gives ``w = w0 + delta`` and the residual sum of squares
+is ``S - 2 delta . d + delta^T H delta`` exactly, every term of the size of the (small)
+shifted residuals. For per-atom targets the sums are ``sum y~`` and the count per type,
+the baseline ``w0 + sum y~ / n`` and the residual sum of squares ``S - (sum y~)^2 / n``.
+:meth:`CompositionModel.sum_corrections` returns these corrections for
+:meth:`pl_mtt.Scaler.add_to_sums`; :func:`pl_mtt.fit_pass.fit_pass` runs the whole pass.
+
+The shift of a type is set from the first batch in which the type has entries (a small
+ridge fit of the new types with the others fixed; per-atom: the batch's per-type mean).
+Earlier sums have no contribution from that type, so they stay valid, and every type gets
+a good shift even when it is missing from the first batch. Under DDP rank 0's shift is
+broadcast at the end and every rank moves its sums to it (:meth:`recenter`: exact
+algebra with the small difference of two good shifts) before the one all_reduce.
 """
 
 from __future__ import annotations
@@ -49,7 +56,7 @@ from metatomic.torch import System
 from torch.nn.functional import pad
 
 from pl_mtt.batch_atoms import BatchAtoms, TypeTable
-from pl_mtt.block_ops import rebuild_block
+from pl_mtt.block_ops import grouped_sums, rebuild_block
 from pl_mtt.scaler import _check_mask, _known_names
 from pl_mtt.target_info import TargetInfo
 
@@ -83,7 +90,7 @@ class CompositionModel(torch.nn.Module):
         exclude: targets without baseline (DOS targets, or when it is not wanted).
         per_structure_targets: per-structure targets NOT divided by the number of atoms
             (their baseline is linear in the type fractions).
-        ridge: relative ridge of the least-squares fit.
+        rcond: relative cut-off of small singular values in the least-squares solve.
 
     .. code-block:: python
 
@@ -101,7 +108,7 @@ class CompositionModel(torch.nn.Module):
         *,
         exclude: Sequence[str] = (),
         per_structure_targets: Sequence[str] = (),
-        ridge: float = 1e-10,
+        rcond: float = 1e-12,
     ) -> None:
         super().__init__()
         if not isinstance(layouts, Mapping):
@@ -117,7 +124,7 @@ class CompositionModel(torch.nn.Module):
         self.per_structure_targets = _known_names(
             per_structure_targets, self.targets, "per_structure_targets"
         )
-        self.ridge = float(ridge)
+        self.rcond = float(rcond)
         self.blocks: dict[str, list[int]] = {
             name: [
                 index
@@ -146,13 +153,14 @@ class CompositionModel(torch.nn.Module):
     def reset(self) -> None:
         """Forget the accumulated sums and the shift (fitted weights are kept)."""
         n = self.type_table.n_rows
-        self._shift: dict[str, dict[int, torch.Tensor]] | None = None
-        self._shift_set = False
+        self._shift: dict[str, dict[int, torch.Tensor]] = {}
         self._sums: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
         for name, info in self.targets.items():
             self._sums[name] = {}
+            self._shift[name] = {}
             for b in self.blocks[name]:
                 p = info.blocks[b].n_properties
+                self._shift[name][b] = torch.zeros(n, p, dtype=torch.float64)
                 if info.per_structure:
                     shapes = {"G": (p, n, n), "c": (p, n), "d": (p, n)}
                     if self._divided(name):
@@ -180,41 +188,6 @@ class CompositionModel(torch.nn.Module):
         """Replace the accumulated sums by ``flat`` (e.g. after an all_reduce)."""
         _load_flat(self._sum_list(), flat, "flat sums")
 
-    def _shifts(self) -> dict[str, dict[int, torch.Tensor]]:
-        """The shift of the sums (zero until one is set)."""
-        if self._shift is None:
-            n = self.type_table.n_rows
-            self._shift = {
-                name: {
-                    b: torch.zeros(
-                        n,
-                        self.targets[name].blocks[b].n_properties,
-                        dtype=torch.float64,
-                        device=self._type_count.device,
-                    )
-                    for b in self.blocks[name]
-                }
-                for name in self.targets
-            }
-            self._shift_set = False
-        return self._shift
-
-    def _shift_list(self) -> list[torch.Tensor]:
-        shifts = self._shifts()
-        return [shifts[name][b] for name in self.targets for b in self.blocks[name]]
-
-    def flat_shift(self) -> torch.Tensor:
-        """The shift of the sums as one float64 vector (to broadcast from rank 0)."""
-        shifts = self._shift_list()
-        if not shifts:
-            return torch.zeros(0, dtype=torch.float64)
-        return torch.cat([s.reshape(-1) for s in shifts])
-
-    def load_flat_shift(self, flat: torch.Tensor) -> None:
-        """Use ``flat`` (from :meth:`flat_shift`, e.g. broadcast from rank 0) as the shift."""
-        _load_flat(self._shift_list(), flat, "flat shift")
-        self._shift_set = True
-
     def _move(self, device: torch.device) -> None:
         if self._type_count.device == device:
             return
@@ -223,89 +196,92 @@ class CompositionModel(torch.nn.Module):
             for sums in blocks.values():
                 for key in sums:
                     sums[key] = sums[key].to(device)
-        if self._shift is not None:
-            for blocks in self._shift.values():
-                for b in blocks:
-                    blocks[b] = blocks[b].to(device)
+        for blocks in self._shift.values():
+            for b in blocks:
+                blocks[b] = blocks[b].to(device)
 
     # -- the shift -------------------------------------------------------------------
-    @torch.no_grad()
-    def initialize_shift(
-        self,
-        systems: list[System],
-        targets: Mapping[str, TensorMap],
-        extra_data: Mapping[str, TensorMap] | None = None,
+    def _known(self, name: str, b: int) -> torch.Tensor:
+        """``[n_types, P]`` whether a (type, property) already has entries in the sums."""
+        sums = self._sums[name][b]
+        if "G" in sums:
+            return torch.diagonal(sums["G"], dim1=1, dim2=2).T > 0
+        return sums["count"] > 0
+
+    def _new_structure_shift(
+        self, name: str, b: int, x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor
     ) -> None:
-        """Set the shift of the sums from one batch (any batch works; the first one).
-
-        Per-structure blocks: a ridge fit toward the batch's mean per atom; per-atom
-        blocks: the per-type mean, the batch mean for types absent from the batch.
-        """
-        extra_data = extra_data or {}
-        self._validate(targets, extra_data)
-        atoms = BatchAtoms(systems, self.type_table, check_types=True)
-        n = self.type_table.n_rows
-        shift: dict[str, dict[int, torch.Tensor]] = {}
-        for name, info in self.targets.items():
-            shift[name] = {}
-            tensor = targets.get(name)
-            for b in self.blocks[name]:
-                p = info.blocks[b].n_properties
-                if tensor is None:
-                    shift[name][b] = torch.zeros(n, p, dtype=torch.float64, device=atoms.device)
-                    continue
-                block = tensor.block_by_id(b)
-                y, valid = _values_and_valid(block.values, _mask_values(extra_data, name, b))
-                if info.per_structure:
-                    shift[name][b] = self._structure_shift(name, block.samples, y, valid, atoms)
-                else:
-                    shift[name][b] = self._atom_shift(info, b, block.samples, y, valid, atoms)
-        self._shift = shift
-        self._shift_set = True
-
-    def _structure_shift(
-        self,
-        name: str,
-        samples: Labels,
-        y: torch.Tensor,
-        valid: torch.Tensor,
-        atoms: BatchAtoms,
-    ) -> torch.Tensor:
-        x, _, _ = self._features(name, samples, atoms)
-        _p, n = y.shape[1], x.shape[1]
-        y = torch.where(valid, y, torch.zeros_like(y))
+        """Shift of the (type, property) pairs seen for the first time in this batch: a
+        ridge fit of the batch residuals on the new types (toward their mean per unit
+        feature), the shifts of the known types fixed."""
+        shift, known = self._shift[name][b], self._known(name, b)
         v = valid.to(torch.float64)
-        # mean per unit feature: sum y / sum (x . 1)
-        mean = y.sum(0) / (v * x.sum(1, keepdim=True)).sum(0).clamp(min=1e-300)
-        residual = (y - x.sum(1, keepdim=True) * mean) * v
-        gram = torch.einsum("ap,au,aw->puw", v, x, x)
+        present = (v.T @ (x > 0).to(torch.float64)).T > 0  # [n_types, P]
+        new = present & ~known
+        if not bool(new.any()):
+            return
+        residual = torch.where(valid, y - x @ torch.where(known, shift, 0.0), 0.0)
+        features = x.T[None, :, :] * new.T[:, :, None].to(x.dtype)  # [P, n_types, rows]
+        per_unit = features.sum(1)  # [P, rows]: new atoms (or fractions) per row
+        mean = (residual.T).sum(1) / (v.T * per_unit).sum(1).clamp(min=1e-300)  # [P]
+        target = (residual.T - per_unit * mean[:, None]) * v.T  # [P, rows]
+        gram = torch.einsum("pr,pur,pwr->puw", v.T, features, features)
         diagonal = torch.diagonal(gram, dim1=1, dim2=2)
-        scale = diagonal.mean(-1, keepdim=True).clamp(min=1e-300)
-        eye = torch.eye(n, dtype=torch.float64, device=y.device)
-        system = gram + SHIFT_RIDGE * scale[:, :, None] * eye + (diagonal == 0)[:, :, None] * eye
-        rhs = torch.einsum("ap,au->pu", residual, x)
-        delta = torch.linalg.solve(system, rhs)  # [p, n]
-        return (mean[None, :] + delta.T).contiguous()
+        ridge = SHIFT_RIDGE * diagonal.sum(-1, keepdim=True) / new.T.sum(-1, keepdim=True)
+        regular = torch.where(new.T, ridge.clamp(min=1e-300), torch.ones_like(diagonal))
+        rhs = torch.einsum("pr,pur->pu", target, features)
+        delta = torch.linalg.solve(gram + torch.diag_embed(regular), rhs)  # [P, n_types]
+        shift.copy_(torch.where(new, mean[None, :] + delta.T, shift))
 
-    def _atom_shift(
-        self,
-        info: TargetInfo,
-        index: int,
-        samples: Labels,
-        y: torch.Tensor,
-        valid: torch.Tensor,
-        atoms: BatchAtoms,
-    ) -> torch.Tensor:
-        n = self.type_table.n_rows
-        rows = self._atom_rows(info, index, samples, atoms, y.shape[0])
-        y = torch.where(valid, y, torch.zeros_like(y))
-        v = valid.to(torch.float64)
-        total = torch.zeros(n, y.shape[1], dtype=torch.float64, device=y.device)
-        count = torch.zeros_like(total)
-        total.index_add_(0, rows, y)
-        count.index_add_(0, rows, v)
-        mean = total.sum(0) / count.sum(0).clamp(min=1)
-        return torch.where(count > 0, total / count.clamp(min=1), mean[None, :])
+    def _new_atom_shift(
+        self, name: str, b: int, rows: torch.Tensor, y: torch.Tensor, valid: torch.Tensor
+    ) -> None:
+        """Shift of the (type, property) pairs seen for the first time: the batch mean."""
+        shift, known = self._shift[name][b], self._known(name, b)
+        total = torch.zeros_like(shift).index_add_(0, rows, torch.where(valid, y, 0.0))
+        count = torch.zeros_like(shift).index_add_(0, rows, valid.to(torch.float64))
+        new = (count > 0) & ~known
+        shift.copy_(torch.where(new, total / count.clamp(min=1), shift))
+
+    def flat_shift(self) -> torch.Tensor:
+        """The shift of the sums as one float64 vector (to broadcast from rank 0)."""
+        shifts = [self._shift[name][b] for name in self.targets for b in self.blocks[name]]
+        if not shifts:
+            return torch.zeros(0, dtype=torch.float64)
+        return torch.cat([t.reshape(-1) for t in shifts])
+
+    @torch.no_grad()
+    def recenter(self, flat_shift: torch.Tensor) -> dict[str, dict[int, torch.Tensor]]:
+        """Move the sums to the shift ``flat_shift`` (from :meth:`flat_shift`, e.g. rank
+        0's, broadcast). Exact algebra; returns the matching corrections of the scaler's
+        sums of squares for :meth:`pl_mtt.Scaler.add_to_sums`."""
+        shifts = [self._shift[name][b] for name in self.targets for b in self.blocks[name]]
+        expected = sum(t.numel() for t in shifts)
+        if flat_shift.numel() != expected:
+            raise ValueError(f"flat shift: expected {expected} values, got {flat_shift.numel()}")
+        flat_shift = flat_shift.to(device=self._type_count.device, dtype=torch.float64)
+        corrections: dict[str, dict[int, torch.Tensor]] = {}
+        start = 0
+        for name, info in self.targets.items():
+            for b in self.blocks[name]:
+                old = self._shift[name][b]
+                new = flat_shift[start : start + old.numel()].view_as(old)
+                start += old.numel()
+                corrections.setdefault(name, {})[b] = self._move_sums(name, b, info, new - old)
+                old.copy_(new)
+        return corrections
+
+    def _move_sums(self, name: str, b: int, info: TargetInfo, delta: torch.Tensor) -> torch.Tensor:
+        """Shift ``w0 -> w0 + delta``: update the sums, return the scaler's correction."""
+        sums = self._sums[name][b]
+        correction = _correction(sums, info.per_structure, delta)
+        if info.per_structure:
+            d = delta.T  # [P, n_types]
+            sums["c"] -= torch.einsum("puw,pw->pu", sums["G"], d)
+            sums["d"] -= torch.einsum("puw,pw->pu", sums.get("H", sums["G"]), d)
+        else:
+            sums["sum"] -= sums["count"] * delta
+        return correction
 
     # -- accumulation --------------------------------------------------------------
     def _validate(
@@ -332,7 +308,7 @@ class CompositionModel(torch.nn.Module):
     ) -> None:
         """Add one batch (targets in physical, total units) to the sums.
 
-        The first batch also sets the shift of the sums if none was set. Targets the
+        Types seen for the first time also get their shift from this batch. Targets the
         model does not know raise a ``ValueError``; inputs are never modified.
         """
         self.accumulate_and_shift(systems, targets, extra_data)
@@ -351,10 +327,8 @@ class CompositionModel(torch.nn.Module):
         """
         extra_data = extra_data or {}
         self._validate(targets, extra_data)
-        atoms = BatchAtoms(systems, self.type_table, check_types=True)
+        atoms = BatchAtoms.of(systems, self.type_table, check_types=True)
         self._move(atoms.device)
-        if not self._shift_set:
-            self.initialize_shift(systems, targets, extra_data)
         self._type_count += atoms.type_totals()
         shifted: dict[str, TensorMap] = {}
         for name, tensor in targets.items():
@@ -367,12 +341,15 @@ class CompositionModel(torch.nn.Module):
                 if b not in self._sums[name]:
                     blocks.append(rebuild_block(block, block.values))
                     continue
-                y, valid = _values_and_valid(block.values, _mask_values(extra_data, name, b))
+                mask = _mask_values(extra_data, name, b)
+                y = block.values.detach()
+                y = y.reshape(y.shape[0], y.shape[-1]).to(torch.float64)
                 if info.per_structure:
-                    baseline = self._add_structure_block(name, b, block.samples, y, valid, atoms)
+                    values = self._add_structure_block(name, b, block.samples, y, mask, atoms)
                 else:
-                    baseline = self._add_atom_block(info, b, block.samples, y, valid, atoms)
-                blocks.append(_add_to_block(block, baseline, remove=True))
+                    values = self._add_atom_block(info, b, block.samples, y, mask, atoms)
+                values = values.to(block.values.dtype).reshape(block.values.shape)
+                blocks.append(rebuild_block(block, values))
             shifted[name] = TensorMap(tensor.keys, blocks)
         return shifted
 
@@ -394,20 +371,32 @@ class CompositionModel(torch.nn.Module):
         b: int,
         samples: Labels,
         y: torch.Tensor,
-        valid: torch.Tensor,
+        mask: torch.Tensor | None,
         atoms: BatchAtoms,
     ) -> torch.Tensor:
+        """Add a per-structure block to the sums; returns ``y - x . w0`` (``[rows, P]``)."""
         sums = self._sums[name][b]
         x, f, s = self._features(name, samples, atoms)
-        baseline = x @ self._shifts()[name][b]
-        v = valid.to(torch.float64)
-        shifted = torch.where(valid, y - baseline, torch.zeros_like(y))
-        sums["G"] += torch.einsum("ap,au,aw->puw", v, x, x)
-        sums["c"] += shifted.T @ x
-        sums["d"] += (shifted * s).T @ f
+        present = (x > 0).any(0)  # [n_types]
+        if not bool(self._known(name, b)[present].all()):
+            self._new_structure_shift(name, b, x, y, _valid(y, mask))
+        shifted = y - x @ self._shift[name][b]
+        if mask is None and not bool(torch.isnan(shifted).any()):
+            sums["G"] += (x.T @ x)[None]
+            sums["c"] += shifted.T @ x
+            sums["d"] += (shifted * s).T @ f
+            if "H" in sums:
+                sums["H"] += (f.T @ f)[None]
+            return shifted
+        valid = _valid(y, mask)
+        v = valid.T.to(torch.float64)[:, None, :]  # [P, 1, rows]
+        clean = torch.where(valid, shifted, torch.zeros_like(shifted))
+        sums["G"] += (x.T[None] * v) @ x
+        sums["c"] += clean.T @ x
+        sums["d"] += (clean * s).T @ f
         if "H" in sums:
-            sums["H"] += torch.einsum("ap,au,aw->puw", v, f, f)
-        return baseline
+            sums["H"] += (f.T[None] * v) @ f
+        return shifted
 
     def _atom_rows(
         self, info: TargetInfo, b: int, samples: Labels, atoms: BatchAtoms, n_rows: int
@@ -429,26 +418,30 @@ class CompositionModel(torch.nn.Module):
         b: int,
         samples: Labels,
         y: torch.Tensor,
-        valid: torch.Tensor,
+        mask: torch.Tensor | None,
         atoms: BatchAtoms,
     ) -> torch.Tensor:
+        """Add a per-atom block to the sums; returns ``y - w0[type]`` (``[rows, P]``)."""
         sums = self._sums[info.name][b]
+        n_rows = self.type_table.n_rows
         rows = self._atom_rows(info, b, samples, atoms, y.shape[0])
-        baseline = self._shifts()[info.name][b][rows]
-        shifted = torch.where(valid, y - baseline, torch.zeros_like(y))
-        sums["sum"].index_add_(0, rows, shifted)
-        sums["count"].index_add_(0, rows, valid.to(torch.float64))
-        return baseline
+        present = torch.bincount(rows, minlength=n_rows)[:n_rows] > 0
+        if not bool(self._known(info.name, b)[present].all()):
+            self._new_atom_shift(info.name, b, rows, y, _valid(y, mask))
+        shifted = y - self._shift[info.name][b][rows]
+        total, count = grouped_sums(shifted, rows, n_rows, mask)
+        sums["sum"] += total
+        sums["count"] += count
+        return shifted
 
     # -- fitting -------------------------------------------------------------------
     @torch.no_grad()
     def fit(self) -> None:
         """Solve for the weights from the accumulated sums (weights of unseen types: 0)."""
-        shifts = self._shifts()
         for name, info in self.targets.items():
             state = self.target_weights[self._index[name]]
             for b in self.blocks[name]:
-                sums, shift = self._sums[name][b], shifts[name][b].to(self._type_count.device)
+                sums, shift = self._sums[name][b], self._shift[name][b]
                 if info.per_structure:
                     weights = self._solve(sums["G"], sums["c"], shift)
                 else:
@@ -460,16 +453,15 @@ class CompositionModel(torch.nn.Module):
         self.fitted.fill_(True)
 
     def _solve(self, gram: torch.Tensor, rhs: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-        """Ridge least squares in ``w = shift + delta``; ``[n_types, P]``, 0 for unseen types."""
+        """Least squares in ``w = shift + delta``: ``[n_types, P]``, 0 for unseen types."""
         diagonal = torch.diagonal(gram, dim1=1, dim2=2)  # [P, n]
         seen = diagonal > 0
-        n_seen = seen.sum(-1, keepdim=True).clamp(min=1)
-        ridge = self.ridge * (diagonal.sum(-1, keepdim=True) / n_seen)  # [P, 1]
-        ridge = torch.where(ridge > 0, ridge, torch.ones_like(ridge))
-        regularizer = torch.where(seen, ridge.expand_as(diagonal), torch.ones_like(diagonal))
-        system = gram + torch.diag_embed(regularizer)
-        right = torch.where(seen, rhs - ridge * shift.T, torch.zeros_like(rhs))
-        delta = torch.linalg.solve(system, right)  # [P, n]
+        system = gram + torch.diag_embed((~seen).to(gram.dtype))  # unit ridge: unseen types
+        right = torch.where(seen, rhs, torch.zeros_like(rhs))
+        delta = torch.linalg.lstsq(
+            system.cpu(), right.cpu()[:, :, None], rcond=self.rcond, driver="gelsd"
+        ).solution[:, :, 0]
+        delta = delta.to(shift.device)
         return torch.where(seen.T, shift + delta.T, torch.zeros_like(shift))
 
     @torch.no_grad()
@@ -479,28 +471,15 @@ class CompositionModel(torch.nn.Module):
 
         Returns ``{target: {block: [rows, P]}}`` for :meth:`pl_mtt.Scaler.add_to_sums`.
         """
-        shifts = self._shifts()
         corrections: dict[str, dict[int, torch.Tensor]] = {}
-        device = self._type_count.device
         for name, info in self.targets.items():
             state = self.target_weights[self._index[name]]
             for b in self.blocks[name]:
-                sums = self._sums[name][b]
-                weights = state.weights(b).to(device=device, dtype=torch.float64)
-                delta = weights - shifts[name][b].to(device)
-                if info.per_structure:
-                    d = delta.T  # [P, n]
-                    h = sums.get("H", sums["G"])
-                    quadratic = torch.einsum("pu,puw,pw->p", d, h, d)
-                    value = (quadratic - 2 * (d * sums["d"]).sum(-1))[None, :]
-                else:
-                    count = sums["count"]
-                    value = torch.where(
-                        count > 0,
-                        -sums["sum"] * sums["sum"] / count.clamp(min=1),
-                        torch.zeros_like(count),
-                    )
-                corrections.setdefault(name, {})[b] = value
+                shift = self._shift[name][b]
+                delta = state.weights(b).to(device=shift.device, dtype=torch.float64) - shift
+                corrections.setdefault(name, {})[b] = _correction(
+                    self._sums[name][b], info.per_structure, delta
+                )
         return corrections
 
     # -- results -------------------------------------------------------------------
@@ -570,7 +549,7 @@ class CompositionModel(torch.nn.Module):
             info = self.targets[target]
             members = info.check(tensor, "output", ensemble=target != name)
             if atoms is None:
-                atoms = BatchAtoms(systems, self.type_table)
+                atoms = BatchAtoms.of(systems, self.type_table)
             state = self.target_weights[self._index[target]]
             blocks = []
             for b, block in enumerate(tensor.blocks()):
@@ -599,16 +578,28 @@ class CompositionModel(torch.nn.Module):
         return result
 
 
-def _values_and_valid(
-    values: torch.Tensor, mask: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[rows, P]`` float64 values of an invariant block and which entries count."""
-    values = values.detach()
-    y = values.reshape(values.shape[0], values.shape[-1]).to(torch.float64)
+def _correction(
+    sums: dict[str, torch.Tensor], per_structure: bool, delta: torch.Tensor
+) -> torch.Tensor:
+    """Change of the scaler's sum of squares when the baseline moves by ``delta``.
+
+    Per-structure (per property): ``-2 delta . d + delta^T H delta``, ``[1, P]``;
+    per-atom (per type and property): ``delta (n delta - 2 sum)``, ``[n_types, P]``.
+    """
+    if per_structure:
+        d = delta.T  # [P, n_types]
+        h = sums.get("H", sums["G"])
+        quadratic = torch.einsum("pu,puw,pw->p", d, h, d)
+        return (quadratic - 2 * (d * sums["d"]).sum(-1))[None, :]
+    return delta * (sums["count"] * delta - 2 * sums["sum"])
+
+
+def _valid(y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``[rows, P]`` whether each entry counts (not NaN, not masked out)."""
     valid = ~torch.isnan(y)
     if mask is not None:
         valid &= mask.detach().reshape(y.shape) != 0
-    return y, valid
+    return valid
 
 
 def _mask_values(extra_data: Mapping[str, TensorMap], name: str, b: int) -> torch.Tensor | None:

@@ -2,7 +2,8 @@
 
 Per batch: the composition model accumulates its sums on the physical targets and
 returns them minus its *shift* baseline; those are divided by atoms and accumulated by
-the scaler. After the pass, one all_reduce of all sums (under DDP), the baseline solve,
+the scaler. After the pass, rank 0's shift is broadcast and every rank moves its sums to
+it, then one all_reduce of all sums (under DDP), the baseline solve,
 the algebraic correction of the scaler's sums from shifted to residual second moments
 (:mod:`pl_mtt.composition` explains why this is exact), and the scale fit. Every rank
 then holds the same state, equal to a single-process fit over the union of the shards.
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from itertools import chain
 from typing import Any
 
 import torch
@@ -114,18 +114,8 @@ def fit_pass(
         systems, targets, extra_data = unpack(batch)
         return systems, {k: v for k, v in targets.items() if k in scaler.targets}, extra_data
 
-    iterator = iter(batches)
-    first = next(iterator, None)
-    if composition is not None:
-        if first is not None:
-            composition.initialize_shift(*parts(first))
-        shift = composition.flat_shift()
-        if shift.numel() > 0:
-            composition.load_flat_shift(broadcast(shift))
-
     local_structures = local_batches = 0
-    remaining: Iterable[Any] = iterator if first is None else chain([first], iterator)
-    for batch in progress(remaining) if progress is not None else remaining:
+    for batch in progress(batches) if progress is not None else batches:
         systems, targets, extra_data = parts(batch)
         local_structures += len(systems)
         local_batches += 1
@@ -134,6 +124,10 @@ def fit_pass(
         divided = divide_by_atoms(systems, targets, scaler.per_structure_targets)
         scaler.accumulate(systems, divided, extra_data)
 
+    if composition is not None:
+        shift = composition.flat_shift()
+        if shift.numel() > 0:  # every rank moves its sums to rank 0's shift
+            scaler.add_to_sums(composition.recenter(broadcast(shift)))
     pieces = [scaler.flat_sums()]
     if composition is not None:
         pieces.append(composition.flat_sums().to(pieces[0].device))

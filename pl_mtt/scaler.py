@@ -40,7 +40,7 @@ from metatomic.torch import System
 from torch.nn.functional import pad
 
 from pl_mtt.batch_atoms import BatchAtoms, TypeTable
-from pl_mtt.block_ops import rebuild_block
+from pl_mtt.block_ops import grouped_sums, rebuild_block
 from pl_mtt.target_info import TargetInfo
 
 __all__ = ["Scaler", "rms_scales"]
@@ -226,7 +226,7 @@ class Scaler(torch.nn.Module):
                 ``atomic_types``.
         """
         extra_data = extra_data or {}
-        atoms = BatchAtoms(systems, self.type_table, check_types=True)
+        atoms = BatchAtoms.of(systems, self.type_table, check_types=True)
         self._move_sums(atoms.device)
         self._type_count += atoms.type_totals()
         for name, tensor in targets.items():
@@ -244,35 +244,34 @@ class Scaler(torch.nn.Module):
                 _check_mask(mask, tensor, name)
             for index, block in enumerate(tensor.blocks()):
                 mask_values = None if mask is None else mask.block_by_id(index).values
-                squares, counts = _block_squares(block.values, mask_values)
-                self._add_block(name, index, info, block.samples, squares, counts, atoms)
+                self._add_block(name, index, info, block, mask_values, atoms)
 
     def _add_block(
         self,
         name: str,
         index: int,
         info: TargetInfo,
-        samples: Labels,
-        squares: torch.Tensor,
-        counts: torch.Tensor,
+        block: TensorBlock,
+        mask: torch.Tensor | None,
         atoms: BatchAtoms,
     ) -> None:
-        sum_sq = self._sum_sq[name][index]
-        count = self._count[name][index]
         block_type = info.blocks[index].atom_type
+        n_rows = self.type_table.n_rows
         if info.per_structure or block_type is not None:
             row = 0 if info.per_structure else self.type_table.row_of(block_type)
-            if row >= self.type_table.n_rows:
+            if row >= n_rows:
                 raise ValueError(
                     f"target '{name}', block {index}: key atom_type={block_type} is not "
                     f"among atomic_types {self.type_table.types}"
                 )
-            sum_sq[row] += squares.sum(0)
-            count[row] += counts.sum(0)
+            squares, counts = grouped_sums(block.values.detach(), None, 1, mask, square=True)
+            self._sum_sq[name][index][row] += squares[0]
+            self._count[name][index][row] += counts[0]
             return
-        rows = atoms.types_of(samples)
-        sum_sq.index_add_(0, rows, squares)
-        count.index_add_(0, rows, counts)
+        rows = atoms.types_of(block.samples)
+        squares, counts = grouped_sums(block.values.detach(), rows, n_rows, mask, square=True)
+        self._sum_sq[name][index] += squares
+        self._count[name][index] += counts
 
     # -- fitting -------------------------------------------------------------------
     @torch.no_grad()
@@ -455,7 +454,7 @@ class Scaler(torch.nn.Module):
                 result[name] = tensor
                 continue
             if info.per_atom and atoms is None:
-                atoms = BatchAtoms(systems, self.type_table)
+                atoms = BatchAtoms.of(systems, self.type_table)
             blocks = []
             for index, block in enumerate(tensor.blocks()):
                 table = tables[index].to(device=block.values.device, dtype=block.values.dtype)
@@ -503,20 +502,6 @@ def _scale_block(block: TensorBlock, factors: torch.Tensor, remove: bool) -> Ten
         return apply(gradient.values, factors[gradient.samples.values[:, 0].to(torch.long)])
 
     return rebuild_block(block, apply(block.values, factors), gradient_values)
-
-
-def _block_squares(
-    values: torch.Tensor, mask: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per sample row and property: sum of squares and number of entries that count."""
-    values = values.detach()
-    shape = (values.shape[0], math.prod(values.shape[1:-1]), values.shape[-1])
-    values = values.reshape(shape).to(torch.float64)
-    valid = ~torch.isnan(values)
-    if mask is not None:
-        valid &= mask.detach().reshape(shape) != 0
-    clean = torch.where(valid, values, torch.zeros_like(values))
-    return (clean * clean).sum(1), valid.sum(1, dtype=torch.float64)
 
 
 def _check_mask(mask: TensorMap, tensor: TensorMap, name: str) -> None:

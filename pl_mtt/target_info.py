@@ -19,7 +19,6 @@ from pl_mtt.tensormaps import (
     PER_ATOM,
     PER_STRUCTURE,
     ensemble_output_name,
-    layout_signature,
     sample_kind,
 )
 
@@ -31,6 +30,21 @@ def is_tensor_map(value: object) -> bool:
     if not isinstance(value, torch.ScriptObject):
         return False
     return value._type().qualified_name().endswith("metatensor.TensorMap")
+
+
+def _shape_signature(tensor: TensorMap) -> Hashable:
+    """Sample names of block 0 and, per block, the value shape without rows, dtype and
+    device: cheap to compute (a few attribute reads per block), no ``Labels`` values."""
+    blocks = tensor.blocks()
+    if not blocks:
+        return ()
+    first = blocks[0].values
+    return (
+        tuple(blocks[0].samples.names),
+        first.dtype,
+        first.device,
+        tuple(tuple(block.values.shape[1:]) for block in blocks),
+    )
 
 
 def is_invariant_key(names: list[str], values: list[int], n_components: list[int]) -> bool:
@@ -137,7 +151,8 @@ class TargetInfo:
         return self.kind == ATOM_PAIR
 
     def check(self, tensor: TensorMap, what: str, *, ensemble: bool = False) -> int:
-        """Check ``tensor`` against the layout (fully once per layout signature).
+        """Check ``tensor`` against the layout (fully once per shape signature: keys,
+        sample names, components and property counts are compared the first time).
 
         Returns the number of ensemble members (1 unless ``ensemble``): an ensemble output
         has ``M x n_properties`` properties in every block (members outermost).
@@ -145,7 +160,7 @@ class TargetInfo:
         Raises:
             ValueError: naming the target, the block and what differs.
         """
-        signature = (layout_signature(tensor), ensemble)
+        signature = (_shape_signature(tensor), ensemble)
         label = self.ensemble_name if ensemble else self.name
         n_blocks = len(tensor)
         if n_blocks != len(self.blocks):

@@ -80,8 +80,8 @@ def reference_scales(batches, name, n_blocks, n_properties, types, *, pooled_onl
     return per_target, per_property, full
 
 
-def baseline_reference(batches, name, types, *, divided=True):
-    """Two-pass reference of the composition baseline of the single-block target ``name``.
+def baseline_reference(batches, name, types, *, divided=True, block_index=0):
+    """Two-pass reference of the composition baseline of block ``block_index`` of ``name``.
 
     Per-structure: least squares ``y ~ counts . w`` (``fractions`` when not divided) per
     property over the entries that count, with ``torch.linalg.lstsq`` on the normal
@@ -93,7 +93,7 @@ def baseline_reference(batches, name, types, *, divided=True):
     sums, counts = {}, {}
     for systems, tensors, extra in batches:
         tensor = tensors[name]
-        block = tensor.block_by_id(0)
+        block = tensor.block_by_id(block_index)
         names = list(block.samples.names)
         per_atom = names == ["system", "atom"]
         mask = extra.get(name + "_mask")
@@ -101,7 +101,7 @@ def baseline_reference(batches, name, types, *, divided=True):
         values = block.values.reshape(shape).tolist()
         mvalues = None
         if mask is not None:
-            mvalues = mask.block_by_id(0).values.reshape(shape).tolist()
+            mvalues = mask.block_by_id(block_index).values.reshape(shape).tolist()
         for i, sample in enumerate(block.samples.values.tolist()):
             system = systems[sample[0]]
             if per_atom:
@@ -142,14 +142,15 @@ def baseline_reference(batches, name, types, *, divided=True):
     return weights
 
 
-def residual_batches(batches, name, weights, types, *, divided=True):
-    """The batches with ``name``'s baseline removed (and divided by atoms if ``divided``)."""
+def residual_batches(batches, name, weights, types, *, divided=True, block_index=0):
+    """The batches with the baseline of block ``block_index`` of ``name`` removed, and
+    per-structure targets divided by atoms if ``divided``."""
     from metatensor.torch import TensorBlock, TensorMap
 
     result = []
     for systems, tensors, extra in batches:
         tensor = tensors[name]
-        block = tensor.block_by_id(0)
+        block = tensor.block_by_id(block_index)
         names = list(block.samples.names)
         values = block.values.clone().reshape(block.values.shape[0], block.values.shape[-1])
         for i, sample in enumerate(block.samples.values.tolist()):
@@ -168,17 +169,12 @@ def residual_batches(batches, name, weights, types, *, divided=True):
                 values[i] -= x @ weights
                 if divided:
                     values[i] /= n_atoms
+        blocks = []
+        for b in range(len(tensor)):
+            old = tensor.block_by_id(b)
+            v = values.reshape(block.values.shape) if b == block_index else old.values
+            blocks.append(TensorBlock(v, old.samples, old.components, old.properties))
         new = dict(tensors)
-        new[name] = TensorMap(
-            tensor.keys,
-            [
-                TensorBlock(
-                    values.reshape(block.values.shape),
-                    block.samples,
-                    block.components,
-                    block.properties,
-                )
-            ],
-        )
+        new[name] = TensorMap(tensor.keys, blocks)
         result.append((systems, new, extra))
     return result
