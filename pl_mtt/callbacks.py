@@ -129,7 +129,7 @@ class ScalerCallback(pl.Callback):
         }
         loop_name, what = loops.get(stage or "fit", loops["fit"])
         source = getattr(getattr(trainer, loop_name, None), "_data_source", None)
-        if source is None or not source.is_defined():
+        if source is None or source.instance is None or not source.is_defined():
             raise ValueError(
                 f"ScalerCallback: the trainer has no {what} dataloader (define "
                 f"{what}_dataloader() on the LightningModule or a DataModule, or pass "

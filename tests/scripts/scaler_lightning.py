@@ -54,7 +54,11 @@ class Task(pl.LightningModule):
     def __init__(self, loss_targets=None):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
-        targets = loss_targets or {"energy": {"quantity": "energy"}, "mtt::charge": {}}
+        targets = loss_targets or {
+            "energy": {"quantity": "energy"},
+            "mtt::charge": {},
+            "mtt::multi": {},
+        }
         self.loss = LossModule("mse", targets)
         self.steps = 0
 
