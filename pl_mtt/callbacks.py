@@ -32,31 +32,20 @@ from typing import Any
 import lightning.pytorch as pl
 import metatensor.torch as mts
 import torch
-from metatensor.torch import Labels, TensorBlock, TensorMap
+from metatensor.torch import TensorMap
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
 from pl_mtt.composition import CompositionModel
+from pl_mtt.config import _to_plain
 from pl_mtt.fit_pass import FitSummary, fit_pass
 from pl_mtt.fit_pass import unpack_batch as default_unpack_batch
 from pl_mtt.loss_module import LossModule
 from pl_mtt.scaler import Scaler
-from pl_mtt.target_info import is_tensor_map
+from pl_mtt.target_info import is_tensor_map, zero_sample_layout
 
-__all__ = ["ScalerCallback", "zero_sample_layout"]
+__all__ = ["ScalerCallback", "zero_sample_layout"]  # zero_sample_layout: re-export
 
 DOS_LOSS_TYPES = ("masked_dos",)
-
-
-def zero_sample_layout(tensor: TensorMap) -> TensorMap:
-    """The layout of ``tensor``: same keys, components and properties, no samples."""
-    blocks = []
-    for block in tensor.blocks():
-        names = block.samples.names
-        empty = Labels(
-            names, torch.zeros(0, len(names), dtype=torch.int32, device=block.values.device)
-        )
-        blocks.append(TensorBlock(block.values[:0], empty, block.components, block.properties))
-    return TensorMap(tensor.keys, blocks)
 
 
 class ScalerCallback(pl.Callback):
@@ -101,15 +90,18 @@ class ScalerCallback(pl.Callback):
         progress_bar: bool = True,
     ) -> None:
         super().__init__()
+        atomic_types, layouts, targets = _to_plain(atomic_types), layouts, _to_plain(targets)
+        no_per_property_scales = _to_plain(no_per_property_scales)
+        fixed_scales = _to_plain(fixed_scales)
         self.atomic_types = None if atomic_types is None else [int(t) for t in atomic_types]
         self.layouts = None if layouts is None else dict(layouts)
         self.targets = None if targets is None else list(targets)
         self.no_per_property_scales = (
             None if no_per_property_scales is None else list(no_per_property_scales)
         )
-        self.per_structure_targets = list(per_structure_targets)
+        self.per_structure_targets = list(_to_plain(per_structure_targets))
         self.composition = composition
-        self.no_composition = list(no_composition)
+        self.no_composition = list(_to_plain(no_composition))
         self.fixed_scales = None if fixed_scales is None else dict(fixed_scales)
         self.refit = refit
         self.unpack_batch = unpack_batch or default_unpack_batch
@@ -210,6 +202,35 @@ class ScalerCallback(pl.Callback):
         elif self.targets is not None:
             layouts = {name: layouts[name] for name in self._target_names(pl_module, list(layouts))}
         return layouts
+
+    @staticmethod
+    def restore(pl_module: torch.nn.Module, checkpoint: Mapping[str, Any]) -> bool:
+        """Create ``pl_module.scaler`` / ``pl_module.composition`` as saved in
+        ``checkpoint`` (a Lightning checkpoint dict) when they are missing, so that its
+        ``state_dict`` loads. Call it from ``on_load_checkpoint``, which Lightning runs
+        before loading the weights (``load_from_checkpoint``, ``trainer.predict(...,
+        ckpt_path=...)``):
+
+        .. code-block:: python
+
+            def on_load_checkpoint(self, checkpoint):
+                ScalerCallback.restore(self, checkpoint)
+
+        Returns whether anything was created.
+        """
+        state = checkpoint.get("state_dict", checkpoint)
+        created = False
+        for attribute, cls in (("scaler", Scaler), ("composition", CompositionModel)):
+            extra = state.get(f"{attribute}._extra_state")
+            if extra is None or isinstance(getattr(pl_module, attribute, None), cls):
+                continue
+            setattr(pl_module, attribute, cls.from_construction(extra["construction"]))
+            created = True
+        if created and isinstance(getattr(pl_module, "scaler", None), Scaler):
+            for module in pl_module.modules():
+                if isinstance(module, LossModule):
+                    module.set_scaler(pl_module.scaler)
+        return created
 
     def _hand_over(self, pl_module: pl.LightningModule) -> None:
         for module in self._loss_modules(pl_module):

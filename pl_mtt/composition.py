@@ -49,6 +49,7 @@ algebra with the small difference of two good shifts) before the one all_reduce.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from metatensor.torch import Labels, TensorBlock, TensorMap
@@ -57,8 +58,13 @@ from torch.nn.functional import pad
 
 from pl_mtt.batch_atoms import BatchAtoms, TypeTable
 from pl_mtt.block_ops import grouped_sums, rebuild_block
-from pl_mtt.scaler import _check_mask, _known_names
-from pl_mtt.target_info import TargetInfo
+from pl_mtt.scaler import _check_mask, _check_same_construction, _known_names
+from pl_mtt.target_info import (
+    TargetInfo,
+    layout_buffers,
+    layouts_from_buffers,
+    zero_sample_layout,
+)
 
 __all__ = ["CompositionModel"]
 
@@ -120,6 +126,7 @@ class CompositionModel(torch.nn.Module):
         self.targets: dict[str, TargetInfo] = {
             name: TargetInfo(name, layout) for name, layout in layouts.items()
         }
+        self.layouts = {name: zero_sample_layout(t) for name, t in layouts.items()}
         self.exclude = _known_names(exclude, self.targets, "exclude")
         self.per_structure_targets = _known_names(
             per_structure_targets, self.targets, "per_structure_targets"
@@ -145,6 +152,34 @@ class CompositionModel(torch.nn.Module):
         self.register_buffer("fitted", torch.tensor(False))
         self.register_buffer("type_seen", torch.zeros(n_rows, dtype=torch.bool))
         self.reset()
+
+    # -- what it was built for (saved in the state_dict) -----------------------------
+    def construction(self) -> dict[str, Any]:
+        """The arguments this model was built with, as plain values and tensors."""
+        return {
+            "atomic_types": None if self.type_table.discover else list(self.type_table.types),
+            "layouts": layout_buffers(self.layouts),
+            "exclude": sorted(self.exclude),
+            "per_structure_targets": sorted(self.per_structure_targets),
+            "rcond": self.rcond,
+        }
+
+    @classmethod
+    def from_construction(cls, construction: Mapping[str, Any]) -> CompositionModel:
+        """An unfitted model built like the one that saved ``construction``."""
+        return cls(
+            construction["atomic_types"],
+            layouts_from_buffers(construction["layouts"]),
+            exclude=construction["exclude"],
+            per_structure_targets=construction["per_structure_targets"],
+            rcond=construction["rcond"],
+        )
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"version": 1, "construction": self.construction()}
+
+    def set_extra_state(self, state: Any) -> None:
+        _check_same_construction(self.construction(), state, "CompositionModel")
 
     # -- bookkeeping ---------------------------------------------------------------
     def _divided(self, name: str) -> bool:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from metatensor.torch import Labels, TensorBlock, TensorMap
@@ -41,7 +42,12 @@ from torch.nn.functional import pad
 
 from pl_mtt.batch_atoms import BatchAtoms, TypeTable
 from pl_mtt.block_ops import grouped_sums, rebuild_block
-from pl_mtt.target_info import TargetInfo
+from pl_mtt.target_info import (
+    TargetInfo,
+    layout_buffers,
+    layouts_from_buffers,
+    zero_sample_layout,
+)
 
 __all__ = ["Scaler", "rms_scales"]
 
@@ -133,6 +139,7 @@ class Scaler(torch.nn.Module):
         self.targets: dict[str, TargetInfo] = {
             name: TargetInfo(name, layout) for name, layout in layouts.items()
         }
+        self.layouts = {name: zero_sample_layout(t) for name, t in layouts.items()}
         self.no_per_property_scales = _known_names(
             no_per_property_scales, self.targets, "no_per_property_scales"
         )
@@ -151,6 +158,32 @@ class Scaler(torch.nn.Module):
         self.register_buffer("fitted", torch.tensor(False))
         self.register_buffer("type_seen", torch.zeros(n_rows, dtype=torch.bool))
         self.reset_sums()
+
+    # -- what it was built for (saved in the state_dict) -----------------------------
+    def construction(self) -> dict[str, Any]:
+        """The arguments this scaler was built with, as plain values and tensors."""
+        return {
+            "atomic_types": None if self.type_table.discover else list(self.type_table.types),
+            "layouts": layout_buffers(self.layouts),
+            "no_per_property_scales": sorted(self.no_per_property_scales),
+            "per_structure_targets": sorted(self.per_structure_targets),
+        }
+
+    @classmethod
+    def from_construction(cls, construction: Mapping[str, Any]) -> Scaler:
+        """An unfitted scaler built like the one that saved ``construction``."""
+        return cls(
+            construction["atomic_types"],
+            layouts_from_buffers(construction["layouts"]),
+            no_per_property_scales=construction["no_per_property_scales"],
+            per_structure_targets=construction["per_structure_targets"],
+        )
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"version": 1, "construction": self.construction()}
+
+    def set_extra_state(self, state: Any) -> None:
+        _check_same_construction(self.construction(), state, "Scaler")
 
     # -- accumulation --------------------------------------------------------------
     def reset_sums(self) -> None:
@@ -524,6 +557,29 @@ def _known_names(names: Sequence[str], known: Mapping[str, object], what: str) -
     if unknown:
         raise ValueError(f"{what}: unknown target(s) {unknown}; targets: {sorted(known)}")
     return frozenset(names)
+
+
+def _check_same_construction(own: Mapping[str, Any], state: Any, what: str) -> None:
+    """Loading a state_dict saved by a model built differently is a clear error."""
+    if not isinstance(state, Mapping) or "construction" not in state:
+        raise ValueError(f"{what}.load_state_dict: unrecognised extra state {type(state)}")
+    other = state["construction"]
+    for key, value in own.items():
+        theirs = other.get(key)
+        if key == "layouts":
+            same = set(value) == set(theirs or {}) and all(
+                torch.equal(value[name], theirs[name].to(value[name].device)) for name in value
+            )
+            if not same:
+                raise ValueError(
+                    f"{what}.load_state_dict: the saved {what} was built for targets "
+                    f"{sorted(theirs or {})} (or other layouts), this one for {sorted(value)}"
+                )
+        elif value != theirs:
+            raise ValueError(
+                f"{what}.load_state_dict: the saved {what} has {key}={theirs!r}, this one "
+                f"{value!r}; build it with {what}.from_construction(...)"
+            )
 
 
 def _positive(value: object, path: str) -> float:

@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections.abc import Hashable
 from dataclasses import dataclass
 
+import metatensor.torch as mts
 import torch
-from metatensor.torch import Labels, TensorMap
+from metatensor.torch import Labels, TensorBlock, TensorMap
 
 from pl_mtt.tensormaps import (
     ATOM_PAIR,
@@ -22,7 +23,15 @@ from pl_mtt.tensormaps import (
     sample_kind,
 )
 
-__all__ = ["BlockInfo", "TargetInfo", "is_invariant_key", "is_tensor_map"]
+__all__ = [
+    "BlockInfo",
+    "TargetInfo",
+    "is_invariant_key",
+    "is_tensor_map",
+    "layout_buffers",
+    "layouts_from_buffers",
+    "zero_sample_layout",
+]
 
 
 def is_tensor_map(value: object) -> bool:
@@ -30,6 +39,29 @@ def is_tensor_map(value: object) -> bool:
     if not isinstance(value, torch.ScriptObject):
         return False
     return value._type().qualified_name().endswith("metatensor.TensorMap")
+
+
+def zero_sample_layout(tensor: TensorMap) -> TensorMap:
+    """The layout of ``tensor``: same keys, components and properties, no samples."""
+    blocks = []
+    for block in tensor.blocks():
+        names = block.samples.names
+        empty = Labels(
+            names, torch.zeros(0, len(names), dtype=torch.int32, device=block.values.device)
+        )
+        blocks.append(TensorBlock(block.values[:0], empty, block.components, block.properties))
+    return TensorMap(tensor.keys, blocks)
+
+
+def layout_buffers(layouts: dict[str, TensorMap]) -> dict[str, torch.Tensor]:
+    """Layouts as ``uint8`` tensors (``metatensor.torch.save_buffer``): storable in a
+    ``state_dict`` and loadable with ``torch.load(weights_only=True)``."""
+    return {name: mts.save_buffer(zero_sample_layout(t)) for name, t in layouts.items()}
+
+
+def layouts_from_buffers(buffers: dict[str, torch.Tensor]) -> dict[str, TensorMap]:
+    """The inverse of :func:`layout_buffers`."""
+    return {name: mts.load_buffer(buffer.cpu()) for name, buffer in buffers.items()}
 
 
 def _shape_signature(tensor: TensorMap) -> Hashable:

@@ -258,6 +258,8 @@ def test_sharded_fit_equals_single_process(world_size, dft, rtol):
     for part, model in ((0, single[0]), (1, single[1])):
         expected = model.state_dict()
         for key, value in expected.items():
+            if not isinstance(value, torch.Tensor):  # the construction (extra state)
+                continue
             for rank in range(world_size):
                 assert torch.equal(results[rank][part][key], results[0][part][key]), key
             if value.is_floating_point():

@@ -426,6 +426,18 @@ def test_state_dict_round_trip_and_to(fitted):
     for name in ALL:
         for a, b in zip(fresh.scales[name].blocks(), fitted.scales[name].blocks(), strict=True):
             assert torch.equal(a.values, b.values)
+    rebuilt = Scaler.from_construction(fitted.construction())
+    rebuilt.load_state_dict(fitted.state_dict())
+    assert torch.equal(
+        rebuilt.scales["mtt::multi"].block_by_id(2).values,
+        fitted.scales["mtt::multi"].block_by_id(2).values,
+    )
+    other = Scaler(DATA_TYPES, layouts(ALL, DATA_TYPES), no_per_property_scales=["mtt::dos"])
+    with pytest.raises(ValueError, match=r"has atomic_types=\[1, 6, 8, 9\], this one \[1, 6, 8\]"):
+        other.load_state_dict(fitted.state_dict(), strict=False)
+    fewer = Scaler(TYPES, layouts(("energy",)))
+    with pytest.raises(ValueError, match="built for targets"):
+        fewer.load_state_dict(fitted.state_dict(), strict=False)
     low = fresh.to(torch.float32)
     assert low.scales["energy"].block_by_id(0).values.dtype == torch.float32
     assert low.type_seen.dtype == torch.bool

@@ -22,6 +22,10 @@ from scaler_lightning import DataModule, Task, make_structures
 from pl_mtt.callbacks import ScalerCallback
 
 
+def _tensors(state: dict) -> dict:
+    return {k: v.cpu() for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out_dir")
@@ -55,8 +59,8 @@ def main() -> None:
     os.makedirs(args.out_dir, exist_ok=True)
     torch.save(
         {
-            "scaler": {k: v.cpu() for k, v in task.scaler.state_dict().items()},
-            "composition": {k: v.cpu() for k, v in task.composition.state_dict().items()},
+            "scaler": _tensors(task.scaler.state_dict()),
+            "composition": _tensors(task.composition.state_dict()),
             "structures": -1 if callback.summary is None else callback.summary.local_structures,
             "total": -1 if callback.summary is None else callback.summary.total_structures,
             "world_size": trainer.world_size,

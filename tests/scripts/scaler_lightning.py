@@ -9,6 +9,7 @@ import torch
 from scaler_data import collate, random_structures
 
 from pl_mtt import scaling
+from pl_mtt.callbacks import ScalerCallback
 from pl_mtt.loss_module import LossModule
 
 TARGETS = ("energy", "mtt::charge", "mtt::multi")
@@ -72,6 +73,9 @@ class Task(pl.LightningModule):
         p = predictions["energy"].block_by_id(0).values
         t = targets["energy"].block_by_id(0).values
         return ((p - t) ** 2).mean()
+
+    def on_load_checkpoint(self, checkpoint):
+        ScalerCallback.restore(self, checkpoint)  # scaler/composition before the weights
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=1e-3)
