@@ -68,7 +68,7 @@ from pl_mtt.target_info import (
 
 __all__ = ["CompositionModel"]
 
-SHIFT_RIDGE = 1e-6  # relative ridge of the first-batch shift fit (only a shift: robustness)
+SHIFT_RIDGE = 1e-6  # relative ridge of the shift fit of new types (a shift only needs to be close)
 
 
 class _TargetWeights(torch.nn.Module):

@@ -113,7 +113,7 @@ def test_fit_discovers_types_layouts_targets_and_hands_over(capsys):
 
 def test_dos_targets_from_the_loss_config():
     structures = make_structures(12, seed=2)
-    callback = ScalerCallback(atomic_types=TYPES)
+    callback = ScalerCallback(atomic_types=TYPES, fixed_scales={"energy": 2.0})
     task = Task(
         loss_targets={"energy": {"quantity": "energy"}, "mtt::dos": {}},
     )
@@ -126,6 +126,8 @@ def test_dos_targets_from_the_loss_config():
     values = task.scaler.scales["mtt::dos"].block_by_id(0).values
     assert torch.all(values == values[0, 0])  # one pooled scale
     assert values[0, 0] != 1.0
+    assert task.scaler.scales["energy"].block_by_id(0).values.item() == 2.0
+    assert task.scaler.atomic_types == TYPES
 
 
 def test_checkpoint_round_trip_does_not_refit(tmp_path):
@@ -183,10 +185,14 @@ def test_custom_batches_and_errors():
     with pytest.raises(ValueError, match="cannot unpack a training batch of type dict"):
         _trainer(ScalerCallback()).fit(DictTask(), train_dataloaders=loader)
 
-    callback = ScalerCallback(unpack_batch=lambda b: (b["systems"], b["targets"], b["extra"]))
+    callback = ScalerCallback(
+        unpack_batch=lambda b: (b["systems"], b["targets"], b["extra"]), composition=False
+    )
     task = DictTask()
     _trainer(callback).fit(task, train_dataloaders=loader)
     assert callback.summary.local_structures == 8
+    assert task.composition is None
+    assert bool(task.scaler.fitted)
 
     bad_loader = torch.utils.data.DataLoader(
         StructureDataset(structures),
