@@ -1,0 +1,350 @@
+"""ScalerCallback: fits the composition baseline and the target scales before training.
+
+.. code-block:: python
+
+    trainer = L.Trainer(callbacks=[ScalerCallback()], strategy="ddp", devices=4)
+    trainer.fit(task, datamodule)   # task.scaler / task.composition exist and are fitted
+
+.. code-block:: yaml
+
+    # Hydra: trainer.callbacks
+    - _target_: pl_mtt.ScalerCallback
+      per_structure_targets: [mtt::band_gap]   # intensive: not divided by atoms
+      fixed_scales: {energy: 1.0}
+
+``setup`` (before Lightning restores a checkpoint) creates the unfitted
+:class:`pl_mtt.Scaler` and :class:`pl_mtt.CompositionModel` as ``pl_module.scaler`` and
+``pl_module.composition``, with state of the same shape on every rank, so that
+``trainer.fit(..., ckpt_path=...)`` restores them. ``on_fit_start`` fits them if they
+are not fitted yet (or ``refit=True``): every rank reads only its strided share of the
+training set (rank ``r`` of ``W`` gets structures ``r, r+W, ...``, never padded), one
+pass accumulates all sums (:func:`pl_mtt.fit_pass.fit_pass`), the shift of the sums is
+broadcast from rank 0 and the sums are summed with ONE all_reduce; every rank then fits
+from the same numbers and ends with the same state. The scaler is handed to every
+:class:`pl_mtt.LossModule` found in the LightningModule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
+from typing import Any
+
+import lightning.pytorch as pl
+import metatensor.torch as mts
+import torch
+from metatensor.torch import TensorMap
+from torch.utils.data import DataLoader, IterableDataset, Subset
+
+from pl_mtt.composition import CompositionModel
+from pl_mtt.config import _to_plain
+from pl_mtt.fit_pass import FitSummary, fit_pass
+from pl_mtt.fit_pass import unpack_batch as default_unpack_batch
+from pl_mtt.loss_module import LossModule
+from pl_mtt.scaler import Scaler
+from pl_mtt.target_info import is_tensor_map, zero_sample_layout
+
+__all__ = ["ScalerCallback", "zero_sample_layout"]  # zero_sample_layout: re-export
+
+DOS_LOSS_TYPES = ("masked_dos",)
+
+
+class ScalerCallback(pl.Callback):
+    """Fits ``pl_module.scaler`` and ``pl_module.composition`` in one sharded pass.
+
+    With no arguments, atomic types and target layouts are discovered from the training
+    data, the targets are those of the :class:`pl_mtt.LossModule` found on the module
+    (all targets of the batches if there is none), and targets whose loss is
+    ``masked_dos`` get one pooled scale, no per-property scales and no baseline.
+
+    Args:
+        atomic_types: atomic types (default: discovered; state indexed by atomic number).
+        layouts: target name -> TensorMap describing the target (default: from the
+            first training batch).
+        targets: names of the targets to scale (default: see above).
+        no_per_property_scales: targets with one pooled scale (default: DOS targets).
+        per_structure_targets: per-structure targets NOT divided by the number of atoms.
+        composition: fit a composition baseline (``False``: ``pl_module.composition``
+            is ``None``).
+        no_composition: targets without baseline (DOS targets are always excluded).
+        fixed_scales: target -> fixed per-target scale (see :meth:`pl_mtt.Scaler.fit`).
+        refit: fit again even when the module's scaler is already fitted (e.g. restored
+            from ``ckpt_path``).
+        unpack_batch: batch -> ``(systems, targets, extra_data)`` for other batch
+            formats (default: a tuple of those three, or of the first two).
+        progress_bar: show a progress bar for the pass (rank 0, when the trainer has one).
+    """
+
+    def __init__(
+        self,
+        *,
+        atomic_types: Sequence[int] | None = None,
+        layouts: Mapping[str, TensorMap] | None = None,
+        targets: Sequence[str] | None = None,
+        no_per_property_scales: Sequence[str] | None = None,
+        per_structure_targets: Sequence[str] = (),
+        composition: bool = True,
+        no_composition: Sequence[str] = (),
+        fixed_scales: Mapping[str, Any] | None = None,
+        refit: bool = False,
+        unpack_batch: Callable[[Any], tuple] | None = None,
+        progress_bar: bool = True,
+    ) -> None:
+        super().__init__()
+        atomic_types, layouts, targets = _to_plain(atomic_types), layouts, _to_plain(targets)
+        no_per_property_scales = _to_plain(no_per_property_scales)
+        fixed_scales = _to_plain(fixed_scales)
+        self.atomic_types = None if atomic_types is None else [int(t) for t in atomic_types]
+        self.layouts = None if layouts is None else dict(layouts)
+        self.targets = None if targets is None else list(targets)
+        self.no_per_property_scales = (
+            None if no_per_property_scales is None else list(no_per_property_scales)
+        )
+        self.per_structure_targets = list(_to_plain(per_structure_targets))
+        self.composition = composition
+        self.no_composition = list(_to_plain(no_composition))
+        self.fixed_scales = None if fixed_scales is None else dict(fixed_scales)
+        self.refit = refit
+        self.unpack_batch = unpack_batch or default_unpack_batch
+        self.progress_bar = progress_bar
+        self.summary: FitSummary | None = None  # what the last fit saw (None: no fit)
+
+    # -- helpers ---------------------------------------------------------------------
+    @staticmethod
+    def _loss_modules(pl_module: pl.LightningModule) -> list[LossModule]:
+        return [m for m in pl_module.modules() if isinstance(m, LossModule)]
+
+    def _source_loader(self, trainer: pl.Trainer, stage: str | None) -> Any:
+        loops = {
+            "fit": ("fit_loop", "train"),
+            "validate": ("validate_loop", "val"),
+            "test": ("test_loop", "test"),
+        }
+        loop_name, what = loops.get(stage or "fit", loops["fit"])
+        source = getattr(getattr(trainer, loop_name, None), "_data_source", None)
+        if source is None or source.instance is None or not source.is_defined():
+            raise ValueError(
+                f"ScalerCallback: the trainer has no {what} dataloader (define "
+                f"{what}_dataloader() on the LightningModule or a DataModule, or pass "
+                f"{what}_dataloaders to trainer.{stage or 'fit'}); the scaler is fitted on "
+                f"the training data"
+            )
+        loader = source.dataloader()
+        if loader is None:
+            raise ValueError(f"ScalerCallback: the {what} dataloader is None")
+        return loader
+
+    def _unpack(self, batch: Any) -> tuple:
+        try:
+            parts = self.unpack_batch(batch)
+        except ValueError:
+            raise
+        except Exception as error:
+            raise ValueError(f"ScalerCallback: unpack_batch failed on a batch: {error}") from error
+        if not (isinstance(parts, (tuple, list)) and len(parts) == 3):
+            raise ValueError(
+                "ScalerCallback: unpack_batch must return (systems, targets, extra_data), got "
+                f"{type(parts).__name__}"
+            )
+        systems, targets, extra_data = parts
+        if not isinstance(targets, Mapping) or not all(is_tensor_map(t) for t in targets.values()):
+            raise ValueError(
+                "ScalerCallback: the targets of a batch must be a dict of TensorMaps, got "
+                f"{type(targets).__name__}"
+            )
+        return list(systems), dict(targets), dict(extra_data or {})
+
+    def _target_names(self, pl_module: pl.LightningModule, available: list[str]) -> list[str]:
+        if self.targets is not None:
+            names = self.targets
+        else:
+            names = []
+            for module in self._loss_modules(pl_module):
+                names.extend(n for n in module.target_options if n not in names)
+            if not names:
+                return available
+        missing = [n for n in names if n not in available]
+        if missing:
+            raise ValueError(
+                f"ScalerCallback: target(s) {missing} are not in the training batches "
+                f"(found: {available})"
+            )
+        return names
+
+    def _dos_targets(self, pl_module: pl.LightningModule) -> list[str]:
+        if self.no_per_property_scales is not None:
+            return self.no_per_property_scales
+        names = []
+        for module in self._loss_modules(pl_module):
+            for name, term in module.config.items():
+                if term.get("type") in DOS_LOSS_TYPES and name not in names:
+                    names.append(name)
+        return names
+
+    def _discover_layouts(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str | None
+    ) -> dict[str, TensorMap]:
+        layouts: dict[str, TensorMap] | None = self.layouts
+        if layouts is None:
+            buffers = None
+            if trainer.is_global_zero:
+                loader = self._source_loader(trainer, stage)
+                batch = next(iter(loader), None)
+                if batch is None:
+                    raise ValueError("ScalerCallback: the training dataloader is empty")
+                _, targets, _ = self._unpack(batch)
+                names = self._target_names(pl_module, list(targets))
+                buffers = {
+                    name: mts.save_buffer(zero_sample_layout(targets[name])) for name in names
+                }
+            if trainer.world_size > 1:
+                buffers = trainer.strategy.broadcast(buffers, src=0)
+            layouts = {name: mts.load_buffer(buffer) for name, buffer in buffers.items()}
+        elif self.targets is not None:
+            layouts = {name: layouts[name] for name in self._target_names(pl_module, list(layouts))}
+        return layouts
+
+    @staticmethod
+    def restore(pl_module: torch.nn.Module, checkpoint: Mapping[str, Any]) -> bool:
+        """Create ``pl_module.scaler`` / ``pl_module.composition`` as saved in
+        ``checkpoint`` (a Lightning checkpoint dict) when they are missing, so that its
+        ``state_dict`` loads. Call it from ``on_load_checkpoint``, which Lightning runs
+        before loading the weights (``load_from_checkpoint``, ``trainer.predict(...,
+        ckpt_path=...)``):
+
+        .. code-block:: python
+
+            def on_load_checkpoint(self, checkpoint):
+                ScalerCallback.restore(self, checkpoint)
+
+        Returns whether anything was created.
+        """
+        state = checkpoint.get("state_dict", checkpoint)
+        created = False
+        for attribute, cls in (("scaler", Scaler), ("composition", CompositionModel)):
+            extra = state.get(f"{attribute}._extra_state")
+            if extra is None or isinstance(getattr(pl_module, attribute, None), cls):
+                continue
+            setattr(pl_module, attribute, cls.from_construction(extra["construction"]))
+            created = True
+        if created and isinstance(getattr(pl_module, "scaler", None), Scaler):
+            for module in pl_module.modules():
+                if isinstance(module, LossModule):
+                    module.set_scaler(pl_module.scaler)
+        return created
+
+    def _hand_over(self, pl_module: pl.LightningModule) -> None:
+        for module in self._loss_modules(pl_module):
+            module.set_scaler(pl_module.scaler)
+
+    # -- hooks -----------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Create the unfitted scaler and composition model (same shapes on every rank)."""
+        if isinstance(getattr(pl_module, "scaler", None), Scaler):
+            self._hand_over(pl_module)
+            return
+        if stage == "predict":
+            return
+        layouts = self._discover_layouts(trainer, pl_module, stage)
+        dos = [n for n in self._dos_targets(pl_module) if n in layouts]
+        pl_module.scaler = Scaler(
+            self.atomic_types,
+            layouts,
+            no_per_property_scales=dos,
+            per_structure_targets=[n for n in self.per_structure_targets if n in layouts],
+        )
+        composition = None
+        if self.composition:
+            exclude = sorted({*dos, *self.no_composition} & set(layouts))
+            composition = CompositionModel(
+                self.atomic_types,
+                layouts,
+                exclude=exclude,
+                per_structure_targets=[n for n in self.per_structure_targets if n in layouts],
+            )
+        pl_module.composition = composition
+        self._hand_over(pl_module)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Fit (one pass over this rank's shard, one all_reduce) unless already fitted."""
+        scaler = getattr(pl_module, "scaler", None)
+        if not isinstance(scaler, Scaler):
+            raise ValueError(
+                "ScalerCallback: pl_module.scaler is missing (setup did not run or it was "
+                "replaced by something that is not a pl_mtt.Scaler)"
+            )
+        if bool(scaler.fitted) and not self.refit:
+            self._hand_over(pl_module)
+            return
+        composition = getattr(pl_module, "composition", None)
+        world_size, rank = trainer.world_size, trainer.global_rank
+        batches, total = self._shard(self._source_loader(trainer, "fit"), rank, world_size)
+        show = (
+            self.progress_bar
+            and trainer.is_global_zero
+            and (trainer.progress_bar_callback is not None)
+        )
+
+        def progress(iterable: Iterable[Any]) -> Iterable[Any]:
+            from tqdm.auto import tqdm
+
+            return tqdm(iterable, total=total, desc="Fitting scales", disable=not show, leave=False)
+
+        def broadcast(tensor: torch.Tensor) -> torch.Tensor:
+            return trainer.strategy.broadcast(tensor, src=0) if world_size > 1 else tensor
+
+        def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+            if world_size == 1 or not torch.distributed.is_initialized():
+                return tensor
+            reduced = tensor.to(trainer.strategy.root_device)
+            torch.distributed.all_reduce(reduced)
+            return reduced.to(tensor.device)
+
+        self.summary = fit_pass(
+            batches,
+            scaler,
+            composition,
+            fixed_scales=self.fixed_scales,
+            unpack=self._unpack,
+            broadcast=broadcast,
+            all_reduce=all_reduce,
+            progress=progress,
+        )
+        self._hand_over(pl_module)
+
+    # -- sharding --------------------------------------------------------------------
+    @staticmethod
+    def _shard(loader: Any, rank: int, world_size: int) -> tuple[Iterable[Any], int | None]:
+        """This rank's strided share: structures ``rank::world_size`` of a map-style
+        DataLoader's dataset (same batch size and collate function), otherwise batches
+        ``rank::world_size`` of the iterable. Never padded."""
+        if (
+            isinstance(loader, DataLoader)
+            and not isinstance(loader.dataset, IterableDataset)
+            and isinstance(loader.dataset, Sized)
+            and loader.batch_size is not None
+        ):
+            indices = range(rank, len(loader.dataset), world_size)
+            shard = DataLoader(
+                Subset(loader.dataset, indices),
+                batch_size=loader.batch_size,
+                shuffle=False,
+                collate_fn=loader.collate_fn,
+                num_workers=loader.num_workers,
+                worker_init_fn=loader.worker_init_fn,
+                multiprocessing_context=loader.multiprocessing_context,
+            )
+            return shard, len(shard)
+        if not isinstance(loader, Iterable):
+            raise ValueError(
+                f"ScalerCallback: the training dataloader ({type(loader).__name__}) is not iterable"
+            )
+        total = None
+        if isinstance(loader, Sized):
+            total = len(range(rank, len(loader), world_size))
+        return _strided(loader, rank, world_size), total
+
+
+def _strided(iterable: Iterable[Any], rank: int, world_size: int) -> Iterator[Any]:
+    for index, item in enumerate(iterable):
+        if index % world_size == rank:
+            yield item

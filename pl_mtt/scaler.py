@@ -1,0 +1,592 @@
+"""Scaler: per-target and per-property scales of training targets (spec: target scaling).
+
+Scales are uncentered RMS values without Bessel's correction of the targets as given to
+:meth:`Scaler.accumulate` (baseline removed, per-structure targets divided by their
+number of atoms; :mod:`pl_mtt.fit_pass` prepares them in one pass). For every block
+``a``, property ``p`` and (per-atom targets) atomic type ``Z`` one pass keeps, in float64,
+
+- ``S[a, Z, p]``: the sum of squares of the entries that count (not NaN, not masked out
+  by ``extra_data["<target>_mask"]``), over samples and components;
+- ``N[a, Z, p]``: the number of such entries.
+
+Everything follows from these sums, without a second pass (DESIGN decision 3):
+
+- full scale (``scales``): ``sqrt(S[a, Z, p] / N[a, Z, p])``, the raw per-property RMS;
+- per-target scale (``per_target_scales``): ``sqrt(sum_ap S / sum_ap N)``, pooled over
+  blocks and properties (per type for per-atom targets, over all structures for
+  per-structure targets);
+- per-property scale (``per_property_scales``): ``full / per_target`` for multi-property
+  targets (more than one block, or one block with several properties); 1.0 otherwise,
+  so that always ``full = per_target x per_property``.
+
+Zero RMS or no samples give 1.0 (a per-property factor of 1.0 for an empty or all-zero
+block, a per-target scale of 1.0 for a type without samples). Blocks keyed by
+``atom_type`` belong wholly to that type; atom-pair targets are never fitted (1.0);
+targets listed in ``no_per_property_scales`` (DOS) get one pooled per-target scale and
+per-property scales 1.0. Gradients are not scaled separately: they follow their target.
+
+The per-type sums are one ``index_add_`` over the rows of each block, so the cost of
+the pass does not depend on the number of atomic types.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from metatensor.torch import Labels, TensorBlock, TensorMap
+from metatomic.torch import System
+from torch.nn.functional import pad
+
+from pl_mtt.batch_atoms import BatchAtoms, TypeTable
+from pl_mtt.block_ops import grouped_sums, rebuild_block
+from pl_mtt.target_info import (
+    TargetInfo,
+    layout_buffers,
+    layouts_from_buffers,
+    zero_sample_layout,
+)
+
+__all__ = ["Scaler", "rms_scales"]
+
+
+def rms_scales(
+    sum_sq: list[torch.Tensor], count: list[torch.Tensor], *, pooled_only: bool
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Per-target and per-property scales of one target from its sums.
+
+    Args:
+        sum_sq: per block, ``[rows, n_properties]`` sums of squares (rows: types or 1).
+        count: per block, the matching numbers of entries.
+        pooled_only: per-property scales are all 1.0 (single-property targets, DOS).
+
+    Returns:
+        ``per_target`` ``[rows]`` and per block ``per_property`` ``[rows, n_properties]``,
+        with 1.0 wherever there are no samples or the RMS is zero.
+    """
+    total_sq = sum(s.sum(-1) for s in sum_sq)
+    total_n = sum(n.sum(-1) for n in count)
+    per_target = _safe_rms(total_sq, total_n)
+    per_property = []
+    for s, n in zip(sum_sq, count, strict=True):
+        if pooled_only:
+            per_property.append(torch.ones_like(s))
+            continue
+        full = torch.sqrt(s / n.clamp(min=1))
+        valid = (n > 0) & (full > 0)
+        per_property.append(torch.where(valid, full / per_target[:, None], torch.ones_like(s)))
+    return per_target, per_property
+
+
+def _safe_rms(sum_sq: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    rms = torch.sqrt(sum_sq.clamp(min=0) / count.clamp(min=1))
+    return torch.where((count > 0) & (rms > 0), rms, torch.ones_like(rms))
+
+
+class _TargetScales(torch.nn.Module):
+    """Buffers of one target: ``per_target`` ``[rows]``, ``per_property_<b>`` ``[rows, P_b]``."""
+
+    def __init__(self, rows: int, n_properties: list[int]) -> None:
+        super().__init__()
+        self.register_buffer("per_target", torch.ones(rows, dtype=torch.float64))
+        for index, n in enumerate(n_properties):
+            self.register_buffer(f"per_property_{index}", torch.ones(rows, n, dtype=torch.float64))
+        self.n_blocks = len(n_properties)
+
+    def per_property(self) -> list[torch.Tensor]:
+        return [getattr(self, f"per_property_{b}") for b in range(self.n_blocks)]
+
+
+class Scaler(torch.nn.Module):
+    """Fits and applies per-target and per-property scales (see the module docstring).
+
+    Args:
+        atomic_types: atomic types of the per-type scales, in the order of the rows of
+            the public TensorMaps; ``None`` to discover them from the data (internal
+            state then has one row per atomic number 0..118).
+        layouts: target name -> zero-sample TensorMap describing the target.
+        no_per_property_scales: targets that get one pooled per-target scale and no
+            per-property scales (DOS targets).
+        per_structure_targets: per-structure targets that are NOT divided by the number
+            of atoms (intensive quantities); read by :mod:`pl_mtt.scaling`.
+
+    .. code-block:: python
+
+        scaler = Scaler([1, 6, 8], {"energy": energy_layout})
+        for systems, targets, extra_data in batches:   # baseline-free, divided by atoms
+            scaler.accumulate(systems, targets, extra_data)
+        scaler.fit()
+        scaled = scaler(systems, outputs, remove=True)  # divide by the full scales
+    """
+
+    def __init__(
+        self,
+        atomic_types: Sequence[int] | None,
+        layouts: Mapping[str, TensorMap],
+        *,
+        no_per_property_scales: Sequence[str] = (),
+        per_structure_targets: Sequence[str] = (),
+    ) -> None:
+        super().__init__()
+        if not isinstance(layouts, Mapping):
+            raise ValueError(
+                f"layouts: expected a mapping of target name -> TensorMap, got "
+                f"{type(layouts).__name__}"
+            )
+        self.type_table = TypeTable(atomic_types)
+        self.targets: dict[str, TargetInfo] = {
+            name: TargetInfo(name, layout) for name, layout in layouts.items()
+        }
+        self.layouts = {name: zero_sample_layout(t) for name, t in layouts.items()}
+        self.no_per_property_scales = _known_names(
+            no_per_property_scales, self.targets, "no_per_property_scales"
+        )
+        self.per_structure_targets = _known_names(
+            per_structure_targets, self.targets, "per_structure_targets"
+        )
+        self._ensembles = {info.ensemble_name: name for name, info in self.targets.items()}
+        self._index = {name: index for index, name in enumerate(self.targets)}
+        n_rows = self.type_table.n_rows
+        self.target_scales = torch.nn.ModuleList(
+            [
+                _TargetScales(n_rows if info.per_atom else 1, [b.n_properties for b in info.blocks])
+                for info in self.targets.values()
+            ]
+        )
+        self.register_buffer("fitted", torch.tensor(False))
+        self.register_buffer("type_seen", torch.zeros(n_rows, dtype=torch.bool))
+        self.reset_sums()
+
+    # -- what it was built for (saved in the state_dict) -----------------------------
+    def construction(self) -> dict[str, Any]:
+        """The arguments this scaler was built with, as plain values and tensors."""
+        return {
+            "atomic_types": None if self.type_table.discover else list(self.type_table.types),
+            "layouts": layout_buffers(self.layouts),
+            "no_per_property_scales": sorted(self.no_per_property_scales),
+            "per_structure_targets": sorted(self.per_structure_targets),
+        }
+
+    @classmethod
+    def from_construction(cls, construction: Mapping[str, Any]) -> Scaler:
+        """An unfitted scaler built like the one that saved ``construction``."""
+        return cls(
+            construction["atomic_types"],
+            layouts_from_buffers(construction["layouts"]),
+            no_per_property_scales=construction["no_per_property_scales"],
+            per_structure_targets=construction["per_structure_targets"],
+        )
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"version": 1, "construction": self.construction()}
+
+    def set_extra_state(self, state: Any) -> None:
+        _check_same_construction(self.construction(), state, "Scaler")
+
+    # -- accumulation --------------------------------------------------------------
+    def reset_sums(self) -> None:
+        """Forget everything accumulated (the fitted scales are kept)."""
+        n_rows = self.type_table.n_rows
+        self._sum_sq: dict[str, list[torch.Tensor]] = {}
+        self._count: dict[str, list[torch.Tensor]] = {}
+        for name, info in self.targets.items():
+            rows = n_rows if info.per_atom else 1
+            shapes = [(rows, b.n_properties) for b in info.blocks]
+            self._sum_sq[name] = [torch.zeros(s, dtype=torch.float64) for s in shapes]
+            self._count[name] = [torch.zeros(s, dtype=torch.float64) for s in shapes]
+        self._type_count = torch.zeros(n_rows, dtype=torch.float64)
+
+    def _sums(self) -> list[torch.Tensor]:
+        out = [self._type_count]
+        for name in self.targets:
+            out.extend(self._sum_sq[name])
+            out.extend(self._count[name])
+        return out
+
+    def flat_sums(self) -> torch.Tensor:
+        """All accumulated sums as one float64 vector (for one all_reduce)."""
+        return torch.cat([s.reshape(-1) for s in self._sums()])
+
+    def load_flat_sums(self, flat: torch.Tensor) -> None:
+        """Replace the accumulated sums by ``flat`` (e.g. after an all_reduce)."""
+        sums = self._sums()
+        expected = sum(s.numel() for s in sums)
+        if flat.numel() != expected:
+            raise ValueError(f"flat sums: expected {expected} values, got {flat.numel()}")
+        flat = flat.to(device=sums[0].device, dtype=torch.float64)
+        start = 0
+        for s in sums:
+            s.copy_(flat[start : start + s.numel()].view_as(s))
+            start += s.numel()
+
+    def add_to_sums(self, corrections: Mapping[str, Mapping[int, torch.Tensor]]) -> None:
+        """Add ``corrections[target][block]`` (``[rows, P_b]``) to the sums of squares.
+
+        :class:`pl_mtt.CompositionModel` uses this to turn sums accumulated around its
+        shift into sums of the residuals of the fitted baseline (see
+        :mod:`pl_mtt.composition`).
+        """
+        for name, blocks in corrections.items():
+            for index, delta in blocks.items():
+                target = self._sum_sq[name][index]
+                target += delta.to(device=target.device, dtype=torch.float64)
+
+    def _move_sums(self, device: torch.device) -> None:
+        if self._type_count.device != device:
+            for name in self.targets:
+                self._sum_sq[name] = [s.to(device) for s in self._sum_sq[name]]
+                self._count[name] = [s.to(device) for s in self._count[name]]
+            self._type_count = self._type_count.to(device)
+
+    @torch.no_grad()
+    def accumulate(
+        self,
+        systems: list[System],
+        targets: Mapping[str, TensorMap],
+        extra_data: Mapping[str, TensorMap] | None = None,
+    ) -> None:
+        """Add one batch to the sums. Never modifies its inputs.
+
+        ``targets`` are taken as given: baseline removed and per-structure targets
+        divided by the number of atoms (:mod:`pl_mtt.fit_pass` does both). NaN entries
+        and entries where ``extra_data["<target>_mask"]`` is zero do not count.
+
+        Raises:
+            ValueError: for a target the scaler does not know, a target or mask whose
+                layout differs from the target's layout, or atomic types outside
+                ``atomic_types``.
+        """
+        extra_data = extra_data or {}
+        atoms = BatchAtoms.of(systems, self.type_table, check_types=True)
+        self._move_sums(atoms.device)
+        self._type_count += atoms.type_totals()
+        for name, tensor in targets.items():
+            info = self.targets.get(name)
+            if info is None:
+                raise ValueError(
+                    f"Scaler.accumulate: unknown target '{name}'; the scaler was built for "
+                    f"{sorted(self.targets)}"
+                )
+            info.check(tensor, "target")
+            if info.atom_pair:
+                continue
+            mask = extra_data.get(name + "_mask")
+            if mask is not None:
+                _check_mask(mask, tensor, name)
+            for index, block in enumerate(tensor.blocks()):
+                mask_values = None if mask is None else mask.block_by_id(index).values
+                self._add_block(name, index, info, block, mask_values, atoms)
+
+    def _add_block(
+        self,
+        name: str,
+        index: int,
+        info: TargetInfo,
+        block: TensorBlock,
+        mask: torch.Tensor | None,
+        atoms: BatchAtoms,
+    ) -> None:
+        block_type = info.blocks[index].atom_type
+        n_rows = self.type_table.n_rows
+        if info.per_structure or block_type is not None:
+            row = 0 if info.per_structure else self.type_table.row_of(block_type)
+            if row >= n_rows:
+                raise ValueError(
+                    f"target '{name}', block {index}: key atom_type={block_type} is not "
+                    f"among atomic_types {self.type_table.types}"
+                )
+            squares, counts = grouped_sums(block.values.detach(), None, 1, mask, square=True)
+            self._sum_sq[name][index][row] += squares[0]
+            self._count[name][index][row] += counts[0]
+            return
+        rows = atoms.types_of(block.samples)
+        squares, counts = grouped_sums(block.values.detach(), rows, n_rows, mask, square=True)
+        self._sum_sq[name][index] += squares
+        self._count[name][index] += counts
+
+    # -- fitting -------------------------------------------------------------------
+    @torch.no_grad()
+    def fit(self, fixed_scales: Mapping[str, object] | None = None) -> None:
+        """Compute all scales from the accumulated sums.
+
+        Args:
+            fixed_scales: target name -> its per-target scale instead of the fitted one:
+                a number, or for per-atom targets a mapping atomic type -> number (types
+                not listed keep their fitted scale) or a list in ``atomic_types`` order.
+                Per-property factors of multi-property targets keep their fitted values.
+
+        .. code-block:: yaml
+
+            fixed_scales:
+              energy: 0.5
+              mtt::charge: {1: 0.2, 8: 0.9}
+        """
+        fixed_scales = dict(fixed_scales or {})
+        _known_names(list(fixed_scales), self.targets, "fixed_scales")
+        for (name, info), state in zip(self.targets.items(), self.target_scales, strict=True):
+            if info.atom_pair:
+                continue
+            per_target, per_property = rms_scales(
+                self._sum_sq[name],
+                self._count[name],
+                pooled_only=(not info.multi_property) or name in self.no_per_property_scales,
+            )
+            if name in fixed_scales:
+                per_target = self._fixed(name, info, fixed_scales[name], per_target)
+            state.per_target.copy_(per_target)
+            for buffer, values in zip(state.per_property(), per_property, strict=True):
+                buffer.copy_(values)
+        self.type_seen.copy_(self._type_count > 0)
+        self.fitted.fill_(True)
+
+    def _fixed(
+        self, name: str, info: TargetInfo, value: object, fitted: torch.Tensor
+    ) -> torch.Tensor:
+        path = f"fixed_scales.{name}"
+        result = fitted.clone()
+        if isinstance(value, (Mapping, list, tuple)):
+            if not info.per_atom:
+                raise ValueError(
+                    f"{path}: per-type scales need a per-atom target; '{name}' is "
+                    f"{info.kind}: give one number"
+                )
+            if isinstance(value, Mapping):
+                items = list(value.items())
+            else:
+                types = self.atomic_types
+                if len(value) != len(types):
+                    raise ValueError(
+                        f"{path}: expected {len(types)} values (one per atomic type "
+                        f"{types}), got {len(value)}"
+                    )
+                items = list(zip(types, value, strict=True))
+            for atomic_type, scale in items:
+                row = self.type_table.row_of(atomic_type)
+                if row >= self.type_table.n_rows:
+                    raise ValueError(
+                        f"{path}: atomic type {atomic_type!r} is not among {self.type_table.types}"
+                    )
+                result[row] = _positive(scale, f"{path}.{atomic_type}")
+            return result
+        result.fill_(_positive(value, path))
+        return result
+
+    # -- results -------------------------------------------------------------------
+    @property
+    def atomic_types(self) -> list[int]:
+        """The types of the per-type rows: as given, or those seen while fitting."""
+        if not self.type_table.discover:
+            return list(self.type_table.types)
+        return [
+            t
+            for t, seen in zip(self.type_table.types, self.type_seen.tolist(), strict=True)
+            if seen
+        ]
+
+    def _public(self, which: str) -> dict[str, TensorMap]:
+        types = self.atomic_types
+        rows = torch.tensor([self.type_table.row_of(t) for t in types], dtype=torch.long)
+        result = {}
+        for (name, info), state in zip(self.targets.items(), self.target_scales, strict=True):
+            device = state.per_target.device
+            if info.per_atom:
+                samples = Labels(
+                    ["atomic_type"], torch.tensor(types, dtype=torch.int32).reshape(-1, 1)
+                ).to(device)
+                index = rows.to(device)
+            else:
+                samples = Labels(["atomic_type"], torch.tensor([[-1]], dtype=torch.int32)).to(
+                    device
+                )
+                index = torch.zeros(1, dtype=torch.long, device=device)
+            blocks = []
+            for b, per_property in enumerate(state.per_property()):
+                per_target = state.per_target[:, None].expand_as(per_property)
+                values = {
+                    "full": per_target * per_property,
+                    "per_target": per_target,
+                    "per_property": per_property,
+                }[which]
+                blocks.append(
+                    TensorBlock(
+                        values=values[index].clone(),
+                        samples=samples,
+                        components=[],
+                        properties=info.blocks[b].properties.to(device),
+                    )
+                )
+            result[name] = TensorMap(info.keys.to(device), blocks)
+        return result
+
+    @property
+    def scales(self) -> dict[str, TensorMap]:
+        """Full scales (per-target x per-property = the raw per-property RMS)."""
+        return self._public("full")
+
+    @property
+    def per_target_scales(self) -> dict[str, TensorMap]:
+        """Per-target scales, repeated over blocks and properties."""
+        return self._public("per_target")
+
+    @property
+    def per_property_scales(self) -> dict[str, TensorMap]:
+        """Per-property correction factors (1.0 for single-property and DOS targets)."""
+        return self._public("per_property")
+
+    # -- applying ------------------------------------------------------------------
+    def _tables(
+        self, name: str, use_per_target: bool, use_per_property: bool
+    ) -> list[torch.Tensor] | None:
+        """Per block the factor table ``[rows, P_b]``, or None when all factors are 1."""
+        info = self.targets[name]
+        pooled = (not info.multi_property) or name in self.no_per_property_scales
+        if info.atom_pair or (not use_per_target and (pooled or not use_per_property)):
+            return None
+        state = self.target_scales[self._index[name]]
+        tables = []
+        for per_property in state.per_property():
+            if use_per_target and use_per_property:
+                tables.append(state.per_target[:, None] * per_property)
+            elif use_per_target:
+                tables.append(state.per_target[:, None].expand_as(per_property))
+            else:
+                tables.append(per_property)
+        return tables
+
+    def forward(
+        self,
+        systems: list[System],
+        outputs: Mapping[str, TensorMap],
+        remove: bool = False,
+        use_per_target_scales: bool = True,
+        use_per_property_scales: bool = True,
+    ) -> dict[str, TensorMap]:
+        """Multiply (``remove=False``) or divide (``remove=True``) outputs by scales.
+
+        Uses per-target x per-property (full) scales by default; either factor can be
+        left out. Per-atom outputs are scaled per atomic type of each atom (from
+        ``systems``; atoms of types the scaler does not know get 1.0), per-structure
+        outputs by their single row, gradient blocks like their values, ensemble outputs
+        (:func:`pl_mtt.tensormaps.ensemble_output_name`) like their target per member.
+        Outputs of unknown names pass through unchanged. Returns a new dict; the inputs
+        are never modified.
+        """
+        result: dict[str, TensorMap] = {}
+        atoms: BatchAtoms | None = None
+        for name, tensor in outputs.items():
+            target = name if name in self.targets else self._ensembles.get(name)
+            if target is None:
+                result[name] = tensor
+                continue
+            info = self.targets[target]
+            members = info.check(tensor, "output", ensemble=target != name)
+            tables = self._tables(target, use_per_target_scales, use_per_property_scales)
+            if tables is None:
+                result[name] = tensor
+                continue
+            if info.per_atom and atoms is None:
+                atoms = BatchAtoms.of(systems, self.type_table)
+            blocks = []
+            for index, block in enumerate(tensor.blocks()):
+                table = tables[index].to(device=block.values.device, dtype=block.values.dtype)
+                if members > 1:
+                    table = table.repeat(1, members)
+                factors = self._row_factors(info, index, block.samples, table, atoms)
+                blocks.append(_scale_block(block, factors, remove))
+            result[name] = TensorMap(tensor.keys, blocks)
+        return result
+
+    def _row_factors(
+        self,
+        info: TargetInfo,
+        index: int,
+        samples: Labels,
+        table: torch.Tensor,
+        atoms: BatchAtoms | None,
+    ) -> torch.Tensor:
+        """``[n_rows or 1, P]`` factor of each sample row of a block."""
+        if info.per_structure:
+            return table
+        block_type = info.blocks[index].atom_type
+        if block_type is not None:
+            row = self.type_table.row_of(block_type)
+            if row >= self.type_table.n_rows:
+                return torch.ones_like(table[:1])
+            return table[row : row + 1]
+        if atoms is None:  # pragma: no cover - forward always builds it for per-atom targets
+            raise ValueError(f"target '{info.name}': per-atom outputs need the systems")
+        padded = pad(table, (0, 0, 0, 1), value=1.0)  # unknown types: 1.0
+        return padded[atoms.types_of(samples)]
+
+
+def _scale_block(block: TensorBlock, factors: torch.Tensor, remove: bool) -> TensorBlock:
+    """A new block: values and gradients multiplied (or divided) by per-row ``factors``."""
+
+    def apply(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        shape = [rows.shape[0]] + [1] * (values.dim() - 2) + [rows.shape[1]]
+        rows = rows.reshape(shape)
+        return values / rows if remove else values * rows
+
+    def gradient_values(_: str, gradient: TensorBlock) -> torch.Tensor:
+        if factors.shape[0] == 1:
+            return apply(gradient.values, factors)
+        return apply(gradient.values, factors[gradient.samples.values[:, 0].to(torch.long)])
+
+    return rebuild_block(block, apply(block.values, factors), gradient_values)
+
+
+def _check_mask(mask: TensorMap, tensor: TensorMap, name: str) -> None:
+    if len(mask) != len(tensor):
+        raise ValueError(
+            f"mask '{name}_mask': {len(mask)} block(s), target '{name}' has {len(tensor)}"
+        )
+    for index, (m, t) in enumerate(zip(mask.blocks(), tensor.blocks(), strict=True)):
+        if m.values.shape != t.values.shape:
+            raise ValueError(
+                f"mask '{name}_mask', block {index}: shape {list(m.values.shape)}, "
+                f"target has {list(t.values.shape)}"
+            )
+
+
+def _known_names(names: Sequence[str], known: Mapping[str, object], what: str) -> frozenset[str]:
+    if isinstance(names, str):
+        names = [names]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"{what}: unknown target(s) {unknown}; targets: {sorted(known)}")
+    return frozenset(names)
+
+
+def _check_same_construction(own: Mapping[str, Any], state: Any, what: str) -> None:
+    """Loading a state_dict saved by a model built differently is a clear error."""
+    if not isinstance(state, Mapping) or "construction" not in state:
+        raise ValueError(f"{what}.load_state_dict: unrecognised extra state {type(state)}")
+    other = state["construction"]
+    for key, value in own.items():
+        theirs = other.get(key)
+        if key == "layouts":
+            same = set(value) == set(theirs or {}) and all(
+                torch.equal(value[name], theirs[name].to(value[name].device)) for name in value
+            )
+            if not same:
+                raise ValueError(
+                    f"{what}.load_state_dict: the saved {what} was built for targets "
+                    f"{sorted(theirs or {})} (or other layouts), this one for {sorted(value)}"
+                )
+        elif value != theirs:
+            raise ValueError(
+                f"{what}.load_state_dict: the saved {what} has {key}={theirs!r}, this one "
+                f"{value!r}; build it with {what}.from_construction(...)"
+            )
+
+
+def _positive(value: object, path: str) -> float:
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"{path}: expected a positive number, got {value!r}") from None
+    if not math.isfinite(number) or number <= 0:
+        raise ValueError(f"{path}: expected a positive finite number, got {value!r}")
+    return number
