@@ -231,7 +231,7 @@ class LossModule(torch.nn.Module):
         with warnings.catch_warnings():
             # a rank (or epoch) without updates is legitimate: its sums are zeros
             warnings.filterwarnings("ignore", message=".*was called before the ``update``")
-            values = self.aggregate.compute()
+            values = self.aggregate.compute().reshape(-1)  # torchmetrics squeezes 1 term
         return dict(zip(self.term_names, values.unbind(), strict=True))
 
     def reset(self) -> None:

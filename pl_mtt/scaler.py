@@ -445,6 +445,10 @@ class Scaler(torch.nn.Module):
         if info.atom_pair or (not use_per_target and (pooled or not use_per_property)):
             return None
         state = self.target_scales[self._index[name]]
+        if name in self.no_per_property_scales:
+            # one factor per row, broadcast over any number of properties (a DOS
+            # prediction has n + extra_targets points, its target n)
+            return [state.per_target[:, None] for _ in state.per_property()]
         tables = []
         for per_property in state.per_property():
             if use_per_target and use_per_property:
@@ -481,7 +485,8 @@ class Scaler(torch.nn.Module):
                 result[name] = tensor
                 continue
             info = self.targets[target]
-            members = info.check(tensor, "output", ensemble=target != name)
+            pooled = target in self.no_per_property_scales
+            members = info.check(tensor, "output", ensemble=target != name, any_properties=pooled)
             tables = self._tables(target, use_per_target_scales, use_per_property_scales)
             if tables is None:
                 result[name] = tensor
@@ -491,7 +496,7 @@ class Scaler(torch.nn.Module):
             blocks = []
             for index, block in enumerate(tensor.blocks()):
                 table = tables[index].to(device=block.values.device, dtype=block.values.dtype)
-                if members > 1:
+                if members > 1 and not pooled:
                     table = table.repeat(1, members)
                 factors = self._row_factors(info, index, block.samples, table, atoms)
                 blocks.append(_scale_block(block, factors, remove))

@@ -78,6 +78,7 @@ class DataConfig:
     batch_size: int = 8
     num_workers: int = 0
     split_seed: int = 0
+    dtype: str = "float64"
 
 
 @dataclass
@@ -111,8 +112,10 @@ class TrainConfig:
     scaler: ScalerConfig = field(default_factory=ScalerConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     seed: int = 0
+    mode: str = "train"
     dry_run: bool = False
     ckpt_path: str | None = None
+    global_mean: bool = False
 
 
 def register_configs() -> None:

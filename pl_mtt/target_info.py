@@ -182,17 +182,21 @@ class TargetInfo:
     def atom_pair(self) -> bool:
         return self.kind == ATOM_PAIR
 
-    def check(self, tensor: TensorMap, what: str, *, ensemble: bool = False) -> int:
+    def check(
+        self, tensor: TensorMap, what: str, *, ensemble: bool = False, any_properties: bool = False
+    ) -> int:
         """Check ``tensor`` against the layout (fully once per shape signature: keys,
         sample names, components and property counts are compared the first time).
 
         Returns the number of ensemble members (1 unless ``ensemble``): an ensemble output
-        has ``M x n_properties`` properties in every block (members outermost).
+        has ``M x n_properties`` properties in every block (members outermost). With
+        ``any_properties`` (targets with one pooled scale, e.g. DOS predictions with extra
+        points) property counts are not compared and 1 is returned.
 
         Raises:
             ValueError: naming the target, the block and what differs.
         """
-        signature = (_shape_signature(tensor), ensemble)
+        signature = (_shape_signature(tensor), ensemble, any_properties)
         label = self.ensemble_name if ensemble else self.name
         n_blocks = len(tensor)
         if n_blocks != len(self.blocks):
@@ -201,7 +205,7 @@ class TargetInfo:
                 f"got {n_blocks}"
             )
         members = 1
-        if ensemble:
+        if ensemble and not any_properties:
             first = tensor.block_by_id(0)
             n_properties = first.values.shape[-1]
             expected = self.blocks[0].n_properties
@@ -232,7 +236,7 @@ class TargetInfo:
                     f"{where}: component sizes {list(sizes)}, expected {list(info.component_sizes)}"
                 )
             expected = info.n_properties * members
-            if len(block.properties) != expected:
+            if not any_properties and len(block.properties) != expected:
                 raise ValueError(
                     f"{where}: {len(block.properties)} properties, expected {expected}"
                     + (f" ({members} members x {info.n_properties})" if ensemble else "")

@@ -20,13 +20,30 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import lightning.pytorch as L  # noqa: N812
+import torch
+from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
+from pl_mtt.callbacks import ScalerCallback
 from pl_mtt.config import expand_loss_config
+from pl_mtt.data import AtomisticDataModule, AtomisticDataset, collate
+from pl_mtt.evaluation import collect
+from pl_mtt.plots import dos_overlays, learning_curves, parity_plots, write_metrics_table
 from pl_mtt.registry import loss_type_names
 from pl_mtt.schema import register_configs
+from pl_mtt.task import AtomisticTask
 
-__all__ = ["config_dir", "main", "merge_loss_shorthand_overrides", "run"]
+__all__ = [
+    "config_dir",
+    "evaluate",
+    "main",
+    "merge_loss_shorthand_overrides",
+    "run",
+    "train",
+]
 
 
 def config_dir() -> str:
@@ -78,19 +95,121 @@ def merge_loss_shorthand_overrides(args: list[str]) -> list[str]:
 
 
 def training_targets(cfg: DictConfig) -> dict[str, Any]:
-    """Target options the loss grammar sees (as configured in ``data.targets``)."""
+    """Target options as configured in ``data.targets`` (before the data is read)."""
     return OmegaConf.to_container(cfg.data.targets, resolve=True) or {}
 
 
+def output_dir() -> Path:
+    """This run's directory (Hydra's), or the working directory outside Hydra."""
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    return Path.cwd()
+
+
+def _datamodule(cfg: DictConfig) -> AtomisticDataModule:
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    return AtomisticDataModule(**data)
+
+
+def _scaler_callback(cfg: DictConfig, dos_targets: list[str]) -> ScalerCallback:
+    scaler = OmegaConf.to_container(cfg.scaler, resolve=True)
+    return ScalerCallback(
+        per_structure_targets=scaler["per_structure_targets"],
+        composition=scaler["composition"],
+        no_composition=dos_targets,
+        fixed_scales=scaler["fixed_scales"] or None,
+        refit=scaler["refit_on_resume"],
+    )
+
+
+def _trainer(cfg: DictConfig, run_dir: Path, callbacks: list) -> L.Trainer:
+    options = OmegaConf.to_container(cfg.trainer, resolve=True)
+    options["default_root_dir"] = options.get("default_root_dir") or str(run_dir)
+    options["inference_mode"] = False  # forces and stress are autograd gradients
+    logger = CSVLogger(str(run_dir), name="", version="")
+    return L.Trainer(**options, logger=logger, callbacks=callbacks)
+
+
+def write_report(task: AtomisticTask, loader: Any, run_dir: Path, metrics_csv: Path | None) -> None:
+    """Plots (learning curves, parity, DOS) and a metrics table under ``run_dir``."""
+    plots = run_dir / "plots"
+    if metrics_csv is not None and metrics_csv.is_file():
+        learning_curves(metrics_csv, plots)
+    collected = collect(task, loader)
+    parity_plots(collected, plots)
+    dos_overlays(collected, plots)
+    write_metrics_table(collected, run_dir / "test_metrics.md")
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """The training job: data, model, task, Trainer with ScalerCallback; plots at the end."""
+    run_dir = output_dir()
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = _datamodule(cfg)
+    datamodule.setup()
+    targets = datamodule.target_options
+    model = hydra.utils.instantiate(cfg.model)
+    task = AtomisticTask(
+        model,
+        cfg.loss,
+        targets,
+        lr=cfg.optimizer.lr,
+        weight_decay=cfg.optimizer.weight_decay,
+        lr_decay=cfg.optimizer.lr_decay,
+        per_structure_targets=list(cfg.scaler.per_structure_targets),
+        global_mean=cfg.global_mean,
+        model_config=OmegaConf.to_container(cfg.model, resolve=True),
+    )
+    checkpoint = ModelCheckpoint(
+        dirpath=str(run_dir / "checkpoints"), monitor="val/loss", save_last=True
+    )
+    callbacks: list = [checkpoint]
+    if cfg.scaler.scale_targets:
+        callbacks.append(_scaler_callback(cfg, list(task.dos_targets)))
+    trainer = _trainer(cfg, run_dir, callbacks)
+    trainer.fit(task, datamodule, ckpt_path=cfg.ckpt_path)
+    results = trainer.test(task, datamodule, verbose=False)
+    if trainer.is_global_zero:
+        torch.save(task.inference_model(), run_dir / "model.pt")
+        write_report(task, datamodule.test_dataloader(), run_dir, run_dir / "metrics.csv")
+        print(f"outputs written to {run_dir}")
+    return {"test": results[0] if results else {}, "best": checkpoint.best_model_path}
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate ``ckpt_path`` on every structure of ``data.path`` (or the embedded
+    dataset): metrics table, parity plots, DOS overlays under the run directory."""
+    if not cfg.ckpt_path:
+        raise ValueError("mode=evaluate needs ckpt_path=<checkpoint of a training run>")
+    run_dir = output_dir()
+    task = AtomisticTask.load_from_checkpoint(cfg.ckpt_path, map_location="cpu")
+    data = _datamodule(cfg)
+    path, _, extra = data._sources()
+    targets = training_targets(cfg) or task.target_options
+    dataset = AtomisticDataset.from_file(path, targets, extra, dtype=data.dtype)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=cfg.data.batch_size, collate_fn=collate, shuffle=False
+    )
+    trainer = _trainer(cfg, run_dir, [])
+    results = trainer.test(task, dataloaders=loader, verbose=False)
+    write_report(task, loader, run_dir, None)
+    print(f"evaluation written to {run_dir}")
+    return {"test": results[0] if results else {}}
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Validate the loss config; with ``dry_run`` print it and stop."""
+    """Validate the loss config, then train (or ``dry_run``: print it; or evaluate)."""
     expanded = expand_loss_config(cfg.loss, training_targets(cfg))
     if cfg.dry_run:
         print(OmegaConf.to_yaml(cfg, resolve=True))
         print("# expanded loss config")
         print(OmegaConf.to_yaml(OmegaConf.create({"loss": expanded})))
         return {"loss": expanded}
-    raise NotImplementedError("training is not available yet; run with dry_run=true")
+    if cfg.mode == "evaluate":
+        return evaluate(cfg)
+    if cfg.mode != "train":
+        raise ValueError(f"mode: expected 'train' or 'evaluate', got {cfg.mode!r}")
+    return train(cfg)
 
 
 def main() -> None:

@@ -4,3 +4,27 @@ One module per loss family; the TensorMap adapters in :mod:`pl_mtt.losses` are t
 wrappers over these. They make no host-device synchronisation and compile with
 ``torch.compile(fullgraph=True)``.
 """
+
+from pl_mtt.functional.dos import dos_alignment_shifts, masked_dos_loss
+from pl_mtt.functional.ensemble import (
+    empirical_crps,
+    ensemble_loss,
+    ensemble_mean_and_variance,
+    ensemble_sum_and_count,
+    gaussian_crps,
+    gaussian_nll,
+)
+from pl_mtt.functional.pointwise import pointwise_loss, pointwise_sum_and_count
+
+__all__ = [
+    "dos_alignment_shifts",
+    "empirical_crps",
+    "ensemble_loss",
+    "ensemble_mean_and_variance",
+    "ensemble_sum_and_count",
+    "gaussian_crps",
+    "gaussian_nll",
+    "masked_dos_loss",
+    "pointwise_loss",
+    "pointwise_sum_and_count",
+]
