@@ -217,10 +217,12 @@ class AtomisticTask(pl.LightningModule):
         total = sum(weights[name] * value for name, value in terms.items())
         logged = {f"{stage}/loss/{name}": value for name, value in terms.items()}
         logged[f"{stage}/loss"] = total
-        self.log_dict(logged, on_step=False, on_epoch=True, sync_dist=False)
-        self.log_dict(metrics.compute(), on_step=False, on_epoch=True)
+        # the aggregates are already global and identical on every rank: "max" returns
+        # them exactly (and keeps Lightning's epoch-level bookkeeping consistent)
+        self.log_dict(logged, on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max")
         loss_module.reset()
-        metrics.reset()
+        # torchmetrics objects: Lightning computes (reduced across ranks) and resets them
+        self.log_dict(metrics.metrics, on_step=False, on_epoch=True)
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train")
