@@ -41,9 +41,10 @@ from pl_mtt.fit_pass import FitSummary, fit_pass
 from pl_mtt.fit_pass import unpack_batch as default_unpack_batch
 from pl_mtt.loss_module import LossModule
 from pl_mtt.scaler import Scaler
-from pl_mtt.target_info import is_tensor_map, zero_sample_layout
+from pl_mtt.target_info import is_tensor_map
+from pl_mtt.tensormaps import zero_sample_layout
 
-__all__ = ["ScalerCallback", "zero_sample_layout"]  # zero_sample_layout: re-export
+__all__ = ["ScalerCallback"]
 
 DOS_LOSS_TYPES = ("masked_dos",)
 

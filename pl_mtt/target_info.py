@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import metatensor.torch as mts
 import torch
-from metatensor.torch import Labels, TensorBlock, TensorMap
+from metatensor.torch import Labels, TensorMap
 
 from pl_mtt.tensormaps import (
     ATOM_PAIR,
@@ -21,6 +21,7 @@ from pl_mtt.tensormaps import (
     PER_STRUCTURE,
     ensemble_output_name,
     sample_kind,
+    zero_sample_layout,
 )
 
 __all__ = [
@@ -30,7 +31,6 @@ __all__ = [
     "is_tensor_map",
     "layout_buffers",
     "layouts_from_buffers",
-    "zero_sample_layout",
 ]
 
 
@@ -39,18 +39,6 @@ def is_tensor_map(value: object) -> bool:
     if not isinstance(value, torch.ScriptObject):
         return False
     return value._type().qualified_name().endswith("metatensor.TensorMap")
-
-
-def zero_sample_layout(tensor: TensorMap) -> TensorMap:
-    """The layout of ``tensor``: same keys, components and properties, no samples."""
-    blocks = []
-    for block in tensor.blocks():
-        names = block.samples.names
-        empty = Labels(
-            names, torch.zeros(0, len(names), dtype=torch.int32, device=block.values.device)
-        )
-        blocks.append(TensorBlock(block.values[:0], empty, block.components, block.properties))
-    return TensorMap(tensor.keys, blocks)
 
 
 def layout_buffers(layouts: dict[str, TensorMap]) -> dict[str, torch.Tensor]:

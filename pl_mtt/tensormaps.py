@@ -8,13 +8,17 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 
-from metatensor.torch import TensorBlock, TensorMap
+import torch
+from metatensor.torch import Labels, TensorBlock, TensorMap
 
 __all__ = [
+    "atomistic_tensor_map",
     "ensemble_output_name",
     "layout_signature",
+    "range_labels",
     "sample_kind",
     "value_blocks",
+    "zero_sample_layout",
 ]
 
 PER_STRUCTURE = "per_structure"
@@ -88,3 +92,85 @@ def layout_signature(tensor_map: TensorMap, gradient: str | None = None) -> Hash
     first = tensor_map.block_by_id(0).values if len(tensor_map) > 0 else None
     device_dtype = (str(first.device), str(first.dtype)) if first is not None else None
     return (tuple(tensor_map.keys.names), len(tensor_map), gradient, device_dtype, tuple(blocks))
+
+
+def range_labels(name: str, n: int, device: torch.device | str = "cpu") -> Labels:
+    """``Labels([name], 0..n-1)``."""
+    values = torch.arange(n, dtype=torch.int32, device=device).reshape(-1, 1)
+    return Labels([name], values, assume_unique=True)
+
+
+def atomistic_tensor_map(
+    values: torch.Tensor,
+    properties: Labels,
+    *,
+    per_atom: bool = False,
+    atom_system: torch.Tensor | None = None,
+    atom_index: torch.Tensor | None = None,
+    positions_gradient: torch.Tensor | None = None,
+    strain_gradient: torch.Tensor | None = None,
+) -> TensorMap:
+    """One-block TensorMap of per-structure (``(B, P)``, samples ``system`` = row) or
+    per-atom (``(N, P)``, ``per_atom=True``) values, with the package's conventions.
+
+    Per-atom values need ``atom_system``/``atom_index`` (``(N,)``); so does
+    ``positions_gradient`` ``(N, 3, P)`` (samples ``["sample", "system", "atom"]``,
+    components ``[xyz]``). ``strain_gradient`` is ``(B, 3, 3, P)`` (samples
+    ``["sample"]``, components ``[xyz_1, xyz_2]``).
+    """
+    device = values.device
+    n_rows = values.shape[0]
+    if per_atom:
+        samples = Labels(
+            ["system", "atom"],
+            torch.stack([atom_system, atom_index], dim=1).to(torch.int32),
+            assume_unique=True,
+        )
+    else:
+        samples = range_labels("system", n_rows, device)
+    block = TensorBlock(values, samples, [], properties)
+    if positions_gradient is not None:
+        system = atom_system.to(torch.int32)
+        block.add_gradient(
+            "positions",
+            TensorBlock(
+                positions_gradient,
+                Labels(
+                    ["sample", "system", "atom"],
+                    torch.stack([system, system, atom_index.to(torch.int32)], dim=1),
+                    assume_unique=True,
+                ),
+                [range_labels("xyz", 3, device)],
+                properties,
+            ),
+        )
+    if strain_gradient is not None:
+        block.add_gradient(
+            "strain",
+            TensorBlock(
+                strain_gradient,
+                range_labels("sample", n_rows, device),
+                [range_labels("xyz_1", 3, device), range_labels("xyz_2", 3, device)],
+                properties,
+            ),
+        )
+    return TensorMap(range_labels("_", 1, device), [block])
+
+
+def _empty_like_block(block: TensorBlock) -> TensorBlock:
+    names = block.samples.names
+    device = block.values.device
+    samples = Labels(names, torch.zeros((0, len(names)), dtype=torch.int32, device=device))
+    return TensorBlock(block.values[:0].detach(), samples, block.components, block.properties)
+
+
+def zero_sample_layout(tensor_map: TensorMap) -> TensorMap:
+    """``tensor_map``'s metadata (keys, components, properties, gradients) with no
+    samples: how a target is described to the ``Scaler``."""
+    blocks = []
+    for block in tensor_map.blocks():
+        new = _empty_like_block(block)
+        for name, gradient in block.gradients():
+            new.add_gradient(name, _empty_like_block(gradient))
+        blocks.append(new)
+    return TensorMap(tensor_map.keys, blocks)

@@ -70,7 +70,7 @@ def _tmap(values, samples, names=("system",), components=(), properties=1, keys=
 
 
 def _layout(tensor):
-    from pl_mtt.callbacks import zero_sample_layout
+    from pl_mtt.tensormaps import zero_sample_layout
 
     return zero_sample_layout(tensor)
 

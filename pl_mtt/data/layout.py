@@ -15,27 +15,20 @@ Conventions (shared by the whole package):
 from __future__ import annotations
 
 import torch
-from metatensor.torch import Labels, TensorBlock, TensorMap
+from metatensor.torch import Labels, TensorMap
+
+from pl_mtt.tensormaps import atomistic_tensor_map, range_labels, zero_sample_layout
 
 __all__ = [
     "property_labels",
     "structure_tensor_map",
-    "zero_sample_layout",
+    "zero_sample_layout",  # re-exported from pl_mtt.tensormaps
 ]
-
-
-def _range_labels(name: str, n: int) -> Labels:
-    return Labels([name], torch.arange(n, dtype=torch.int32).reshape(-1, 1))
-
-
-XYZ = _range_labels("xyz", 3)
-XYZ_1 = _range_labels("xyz_1", 3)
-XYZ_2 = _range_labels("xyz_2", 3)
 
 
 def property_labels(n_properties: int, energy_like: bool) -> Labels:
     """``energy`` (energy-like targets) or ``properties`` labels ``0..n-1``."""
-    return _range_labels("energy" if energy_like else "properties", n_properties)
+    return range_labels("energy" if energy_like else "properties", n_properties)
 
 
 def structure_tensor_map(
@@ -55,61 +48,16 @@ def structure_tensor_map(
         positions_gradient: ``(n_atoms, 3, P)``, ``dE/dr`` (= -forces).
         strain_gradient: ``(3, 3, P)`` (or ``(1, 3, 3, P)``), ``dE/d(strain)``.
     """
-    n_rows = values.shape[0]
-    if per_atom:
-        atoms = torch.arange(n_rows, dtype=torch.int32).reshape(-1, 1)
-        samples = Labels(["system", "atom"], torch.cat([torch.zeros_like(atoms), atoms], dim=1))
-    else:
-        samples = Labels(["system"], torch.zeros((1, 1), dtype=torch.int32))
-    block = TensorBlock(values, samples, [], properties)
+    n_atoms = values.shape[0] if per_atom else None
     if positions_gradient is not None:
         n_atoms = positions_gradient.shape[0]
-        atoms = torch.arange(n_atoms, dtype=torch.int32).reshape(-1, 1)
-        zeros = torch.zeros_like(atoms)
-        block.add_gradient(
-            "positions",
-            TensorBlock(
-                positions_gradient,
-                Labels(
-                    ["sample", "system", "atom"],
-                    torch.cat([zeros, zeros, atoms], dim=1),
-                    assume_unique=True,
-                ),
-                [XYZ],
-                properties,
-            ),
-        )
-    if strain_gradient is not None:
-        block.add_gradient(
-            "strain",
-            TensorBlock(
-                strain_gradient.reshape(1, 3, 3, -1),
-                Labels(["sample"], torch.zeros((1, 1), dtype=torch.int32)),
-                [XYZ_1, XYZ_2],
-                properties,
-            ),
-        )
-    return TensorMap(Labels.single(), [block])
-
-
-def _empty_like_block(block: TensorBlock) -> TensorBlock:
-    samples = Labels(
-        block.samples.names,
-        torch.zeros((0, len(block.samples.names)), dtype=torch.int32),
+    atoms = None if n_atoms is None else torch.arange(n_atoms)
+    return atomistic_tensor_map(
+        values,
+        properties,
+        per_atom=per_atom,
+        atom_system=None if atoms is None else torch.zeros_like(atoms),
+        atom_index=atoms,
+        positions_gradient=positions_gradient,
+        strain_gradient=None if strain_gradient is None else strain_gradient.reshape(1, 3, 3, -1),
     )
-    values = block.values[:0].detach().clone()
-    return TensorBlock(values, samples, block.components, block.properties)
-
-
-def zero_sample_layout(tensor_map: TensorMap) -> TensorMap:
-    """A copy of ``tensor_map``'s metadata with no samples (gradient blocks included).
-
-    This is the ``layouts`` entry that describes a target to the ``Scaler``.
-    """
-    blocks = []
-    for block in tensor_map.blocks():
-        new = _empty_like_block(block)
-        for name, gradient in block.gradients():
-            new.add_gradient(name, _empty_like_block(gradient))
-        blocks.append(new)
-    return TensorMap(tensor_map.keys, blocks)

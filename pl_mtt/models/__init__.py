@@ -3,13 +3,13 @@
 - :class:`RadialMLP`: radial descriptors -> per-atom MLP -> sum; energies with forces
   and strain gradients by autograd; DOS heads (``num_properties = n + extra_targets``);
   shallow last-layer ensembles (``ensemble_size``).
-- building blocks: :class:`RadialDescriptor`, :func:`batch_geometry`,
-  :func:`output_tensor_map`.
+- building blocks: :class:`RadialDescriptor`, :func:`batch_geometry` (outputs are built
+  with :func:`pl_mtt.tensormaps.atomistic_tensor_map`).
 """
 
 from pl_mtt.models.descriptor import RadialDescriptor, cosine_cutoff, gaussian_basis
 from pl_mtt.models.geometry import BatchGeometry, batch_geometry
-from pl_mtt.models.outputs import ensemble_properties, output_tensor_map
+from pl_mtt.models.outputs import ensemble_properties
 from pl_mtt.models.radial_mlp import RadialMLP
 
 __all__ = [
@@ -20,5 +20,4 @@ __all__ = [
     "cosine_cutoff",
     "ensemble_properties",
     "gaussian_basis",
-    "output_tensor_map",
 ]

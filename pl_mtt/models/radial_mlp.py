@@ -35,8 +35,8 @@ from metatomic.torch import System
 
 from pl_mtt.models.descriptor import RadialDescriptor
 from pl_mtt.models.geometry import BatchGeometry, batch_geometry
-from pl_mtt.models.outputs import ensemble_properties, output_tensor_map, properties_labels
-from pl_mtt.tensormaps import ensemble_output_name
+from pl_mtt.models.outputs import ensemble_properties
+from pl_mtt.tensormaps import atomistic_tensor_map, ensemble_output_name, range_labels
 
 __all__ = ["RadialMLP"]
 
@@ -242,16 +242,16 @@ class RadialMLP(torch.nn.Module):
             "atom_index": geometry.atom_index,
         }
         outputs = {
-            self.target: output_tensor_map(
+            self.target: atomistic_tensor_map(
                 mean,
-                properties_labels(name, self.num_properties, device),
+                range_labels(name, self.num_properties, device),
                 positions_gradient=gradients.get("positions"),
                 strain_gradient=gradients.get("strain"),
                 **atoms,
             )
         }
         if self.ensemble_size >= 2:
-            outputs[ensemble_output_name(self.target)] = output_tensor_map(
+            outputs[ensemble_output_name(self.target)] = atomistic_tensor_map(
                 values.reshape(values.shape[0], -1),
                 ensemble_properties(name, self.ensemble_size, self.num_properties, device),
                 positions_gradient=member_gradients.get("positions"),
