@@ -58,7 +58,7 @@ from torch.nn.functional import pad
 
 from pl_mtt.batch_atoms import BatchAtoms, TypeTable
 from pl_mtt.block_ops import grouped_sums, rebuild_block
-from pl_mtt.scaler import _check_mask, _check_same_construction, _known_names
+from pl_mtt.one_pass import OnePassState, check_mask, known_names
 from pl_mtt.target_info import (
     TargetInfo,
     layout_buffers,
@@ -86,7 +86,7 @@ class _TargetWeights(torch.nn.Module):
         return getattr(self, f"weights_{index}")
 
 
-class CompositionModel(torch.nn.Module):
+class CompositionModel(OnePassState, torch.nn.Module):
     """Per-type linear baseline of invariant targets (see the module docstring).
 
     Args:
@@ -127,8 +127,8 @@ class CompositionModel(torch.nn.Module):
             name: TargetInfo(name, layout) for name, layout in layouts.items()
         }
         self.layouts = {name: zero_sample_layout(t) for name, t in layouts.items()}
-        self.exclude = _known_names(exclude, self.targets, "exclude")
-        self.per_structure_targets = _known_names(
+        self.exclude = known_names(exclude, self.targets, "exclude")
+        self.per_structure_targets = known_names(
             per_structure_targets, self.targets, "per_structure_targets"
         )
         self.rcond = float(rcond)
@@ -175,12 +175,6 @@ class CompositionModel(torch.nn.Module):
             rcond=construction["rcond"],
         )
 
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"version": 1, "construction": self.construction()}
-
-    def set_extra_state(self, state: Any) -> None:
-        _check_same_construction(self.construction(), state, "CompositionModel")
-
     # -- bookkeeping ---------------------------------------------------------------
     def _divided(self, name: str) -> bool:
         return self.targets[name].per_structure and name not in self.per_structure_targets
@@ -207,21 +201,13 @@ class CompositionModel(torch.nn.Module):
                 }
         self._type_count = torch.zeros(n, dtype=torch.float64)
 
-    def _sum_list(self) -> list[torch.Tensor]:
+    def sum_tensors(self) -> list[torch.Tensor]:
         out = [self._type_count]
         for name in self.targets:
             for b in self.blocks[name]:
                 sums = self._sums[name][b]
                 out.extend(sums[key] for key in sorted(sums))
         return out
-
-    def flat_sums(self) -> torch.Tensor:
-        """All accumulated sums as one float64 vector (for one all_reduce)."""
-        return torch.cat([s.reshape(-1) for s in self._sum_list()])
-
-    def load_flat_sums(self, flat: torch.Tensor) -> None:
-        """Replace the accumulated sums by ``flat`` (e.g. after an all_reduce)."""
-        _load_flat(self._sum_list(), flat, "flat sums")
 
     def _move(self, device: torch.device) -> None:
         if self._type_count.device == device:
@@ -332,7 +318,7 @@ class CompositionModel(torch.nn.Module):
             info.check(tensor, "target")
             mask = extra_data.get(name + "_mask")
             if mask is not None:
-                _check_mask(mask, tensor, name)
+                check_mask(mask, tensor, name)
 
     @torch.no_grad()
     def accumulate(
@@ -647,13 +633,3 @@ def _add_to_block(block: TensorBlock, baseline: torch.Tensor, *, remove: bool) -
     values = block.values
     shaped = baseline.to(values.dtype).reshape(values.shape[0], *([1] * (values.dim() - 2)), -1)
     return rebuild_block(block, values - shaped if remove else values + shaped)
-
-
-def _load_flat(tensors: list[torch.Tensor], flat: torch.Tensor, what: str) -> None:
-    expected = sum(t.numel() for t in tensors)
-    if flat.numel() != expected:
-        raise ValueError(f"{what}: expected {expected} values, got {flat.numel()}")
-    start = 0
-    for t in tensors:
-        t.copy_(flat[start : start + t.numel()].view_as(t).to(device=t.device, dtype=t.dtype))
-        start += t.numel()

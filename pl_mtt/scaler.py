@@ -42,6 +42,7 @@ from torch.nn.functional import pad
 
 from pl_mtt.batch_atoms import BatchAtoms, TypeTable
 from pl_mtt.block_ops import grouped_sums, rebuild_block
+from pl_mtt.one_pass import OnePassState, check_mask, known_names
 from pl_mtt.target_info import (
     TargetInfo,
     layout_buffers,
@@ -99,7 +100,7 @@ class _TargetScales(torch.nn.Module):
         return [getattr(self, f"per_property_{b}") for b in range(self.n_blocks)]
 
 
-class Scaler(torch.nn.Module):
+class Scaler(OnePassState, torch.nn.Module):
     """Fits and applies per-target and per-property scales (see the module docstring).
 
     Args:
@@ -140,10 +141,10 @@ class Scaler(torch.nn.Module):
             name: TargetInfo(name, layout) for name, layout in layouts.items()
         }
         self.layouts = {name: zero_sample_layout(t) for name, t in layouts.items()}
-        self.no_per_property_scales = _known_names(
+        self.no_per_property_scales = known_names(
             no_per_property_scales, self.targets, "no_per_property_scales"
         )
-        self.per_structure_targets = _known_names(
+        self.per_structure_targets = known_names(
             per_structure_targets, self.targets, "per_structure_targets"
         )
         self._ensembles = {info.ensemble_name: name for name, info in self.targets.items()}
@@ -179,12 +180,6 @@ class Scaler(torch.nn.Module):
             per_structure_targets=construction["per_structure_targets"],
         )
 
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"version": 1, "construction": self.construction()}
-
-    def set_extra_state(self, state: Any) -> None:
-        _check_same_construction(self.construction(), state, "Scaler")
-
     # -- accumulation --------------------------------------------------------------
     def reset_sums(self) -> None:
         """Forget everything accumulated (the fitted scales are kept)."""
@@ -198,28 +193,12 @@ class Scaler(torch.nn.Module):
             self._count[name] = [torch.zeros(s, dtype=torch.float64) for s in shapes]
         self._type_count = torch.zeros(n_rows, dtype=torch.float64)
 
-    def _sums(self) -> list[torch.Tensor]:
+    def sum_tensors(self) -> list[torch.Tensor]:
         out = [self._type_count]
         for name in self.targets:
             out.extend(self._sum_sq[name])
             out.extend(self._count[name])
         return out
-
-    def flat_sums(self) -> torch.Tensor:
-        """All accumulated sums as one float64 vector (for one all_reduce)."""
-        return torch.cat([s.reshape(-1) for s in self._sums()])
-
-    def load_flat_sums(self, flat: torch.Tensor) -> None:
-        """Replace the accumulated sums by ``flat`` (e.g. after an all_reduce)."""
-        sums = self._sums()
-        expected = sum(s.numel() for s in sums)
-        if flat.numel() != expected:
-            raise ValueError(f"flat sums: expected {expected} values, got {flat.numel()}")
-        flat = flat.to(device=sums[0].device, dtype=torch.float64)
-        start = 0
-        for s in sums:
-            s.copy_(flat[start : start + s.numel()].view_as(s))
-            start += s.numel()
 
     def add_to_sums(self, corrections: Mapping[str, Mapping[int, torch.Tensor]]) -> None:
         """Add ``corrections[target][block]`` (``[rows, P_b]``) to the sums of squares.
@@ -274,7 +253,7 @@ class Scaler(torch.nn.Module):
                 continue
             mask = extra_data.get(name + "_mask")
             if mask is not None:
-                _check_mask(mask, tensor, name)
+                check_mask(mask, tensor, name)
             for index, block in enumerate(tensor.blocks()):
                 mask_values = None if mask is None else mask.block_by_id(index).values
                 self._add_block(name, index, info, block, mask_values, atoms)
@@ -324,7 +303,7 @@ class Scaler(torch.nn.Module):
               mtt::charge: {1: 0.2, 8: 0.9}
         """
         fixed_scales = dict(fixed_scales or {})
-        _known_names(list(fixed_scales), self.targets, "fixed_scales")
+        known_names(list(fixed_scales), self.targets, "fixed_scales")
         for (name, info), state in zip(self.targets.items(), self.target_scales, strict=True):
             if info.atom_pair:
                 continue
@@ -540,51 +519,6 @@ def _scale_block(block: TensorBlock, factors: torch.Tensor, remove: bool) -> Ten
         return apply(gradient.values, factors[gradient.samples.values[:, 0].to(torch.long)])
 
     return rebuild_block(block, apply(block.values, factors), gradient_values)
-
-
-def _check_mask(mask: TensorMap, tensor: TensorMap, name: str) -> None:
-    if len(mask) != len(tensor):
-        raise ValueError(
-            f"mask '{name}_mask': {len(mask)} block(s), target '{name}' has {len(tensor)}"
-        )
-    for index, (m, t) in enumerate(zip(mask.blocks(), tensor.blocks(), strict=True)):
-        if m.values.shape != t.values.shape:
-            raise ValueError(
-                f"mask '{name}_mask', block {index}: shape {list(m.values.shape)}, "
-                f"target has {list(t.values.shape)}"
-            )
-
-
-def _known_names(names: Sequence[str], known: Mapping[str, object], what: str) -> frozenset[str]:
-    if isinstance(names, str):
-        names = [names]
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise ValueError(f"{what}: unknown target(s) {unknown}; targets: {sorted(known)}")
-    return frozenset(names)
-
-
-def _check_same_construction(own: Mapping[str, Any], state: Any, what: str) -> None:
-    """Loading a state_dict saved by a model built differently is a clear error."""
-    if not isinstance(state, Mapping) or "construction" not in state:
-        raise ValueError(f"{what}.load_state_dict: unrecognised extra state {type(state)}")
-    other = state["construction"]
-    for key, value in own.items():
-        theirs = other.get(key)
-        if key == "layouts":
-            same = set(value) == set(theirs or {}) and all(
-                torch.equal(value[name], theirs[name].to(value[name].device)) for name in value
-            )
-            if not same:
-                raise ValueError(
-                    f"{what}.load_state_dict: the saved {what} was built for targets "
-                    f"{sorted(theirs or {})} (or other layouts), this one for {sorted(value)}"
-                )
-        elif value != theirs:
-            raise ValueError(
-                f"{what}.load_state_dict: the saved {what} has {key}={theirs!r}, this one "
-                f"{value!r}; build it with {what}.from_construction(...)"
-            )
 
 
 def _positive(value: object, path: str) -> float:
