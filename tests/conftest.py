@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,3 +37,12 @@ def python_subprocess(
 def run_python():
     """Fixture form of :func:`python_subprocess`."""
     return python_subprocess
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tests use small tensors: one thread avoids oversubscribing a 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

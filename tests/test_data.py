@@ -28,15 +28,6 @@ from pl_mtt.data import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one thread avoids oversubscribing a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def emt_frames() -> list[ase.Atoms]:
     """Periodic bulk (two sizes), a fully periodic slab and a non-periodic cluster."""
     rng = np.random.default_rng(0)

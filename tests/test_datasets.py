@@ -15,14 +15,6 @@ from pl_mtt.data import dos as dos_data
 from pl_mtt.data.emt import generate_emt_structures
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("PL_MTT_CACHE", str(tmp_path / "cache"))

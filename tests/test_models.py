@@ -16,14 +16,6 @@ from pl_mtt.models import RadialMLP, batch_geometry
 from pl_mtt.tensormaps import ensemble_output_name, layout_signature
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_systems() -> list[System]:
     rng = np.random.default_rng(0)
     bulk = ase.build.bulk("Cu", "fcc", a=3.6, cubic=True)
