@@ -37,10 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from harness import Case, main_for
 
-from pl_mtt.callbacks import zero_sample_layout
 from pl_mtt.composition import CompositionModel
 from pl_mtt.fit_pass import fit_pass
 from pl_mtt.scaler import Scaler
+from pl_mtt.tensormaps import zero_sample_layout
 
 LAMBDAS = (0, 1, 2)
 N_PROPERTIES = 8

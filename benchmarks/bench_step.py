@@ -1,0 +1,108 @@
+"""Overhead of pl_mtt inside a training step of the reference model.
+
+.. code-block:: bash
+
+    python benchmarks/bench_step.py [--quick] [--device cuda]
+
+Both sides run the same ``RadialMLP`` forward (energy, forces and stress by autograd)
+and backward on the same batch of embedded EMT structures:
+
+- bare: a hand-written MSE on the raw block values (energy per atom, forces, strain
+  gradient per atom), no scaling, no NaN handling, no metrics;
+- pl_mtt: the training task's step: :func:`pl_mtt.scaling.prepare_for_loss` (baseline,
+  division by atoms, per-target scales of a fitted scaler), the :class:`LossModule`
+  (energy + forces + stress mse, epoch aggregates) and the physical-unit metrics update.
+
+The "speedup" column is bare time / pl_mtt time: the overhead of pl_mtt is
+``1 / speedup - 1`` (goal on a GPU: at most 5%).
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from harness import Case, main_for
+
+from pl_mtt import CompositionModel, LossModule, Scaler, fit_pass, scaling
+from pl_mtt.data import AtomisticDataModule, batch_to
+from pl_mtt.metrics import PhysicalMetrics, metric_specs
+from pl_mtt.models import RadialMLP
+
+LOSS = {"energy": {"type": "mse", "forces": "mse", "stress": "mse"}}
+
+
+class _Holder(torch.nn.Module):
+    """What ``prepare_for_loss`` reads: ``.scaler`` and ``.composition``."""
+
+    def __init__(self, scaler: Scaler, composition: CompositionModel) -> None:
+        super().__init__()
+        self.scaler = scaler
+        self.composition = composition
+
+
+def _bare_loss(predictions, targets, n_atoms) -> torch.Tensor:
+    p, t = predictions["energy"].block(), targets["energy"].block()
+    energy = ((p.values - t.values) / n_atoms).square().mean()
+    forces = (p.gradient("positions").values - t.gradient("positions").values).square().mean()
+    strain = (p.gradient("strain").values - t.gradient("strain").values) / n_atoms[:, None, None]
+    return energy + forces + strain.square().mean()
+
+
+def cases(device: torch.device, quick: bool) -> list[Case]:
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as cache:
+        import os
+
+        os.environ.setdefault("PL_MTT_CACHE", cache)
+        data = AtomisticDataModule("emt", n_structures=48, batch_size=8)
+        data.setup()
+        batches = [batch_to(b, device) for b in data.train_dataloader()]
+    systems, targets, extra_data = batches[0]
+    options = data.target_options
+    scaler = Scaler(data.atomic_types, data.layouts()).to(device)
+    composition = CompositionModel(data.atomic_types, data.layouts()).to(device)
+    fit_pass(batches, scaler, composition)
+    holder = _Holder(scaler, composition)
+    loss = LossModule(LOSS, options).to(device)
+    loss.set_scaler(scaler)
+    specs = metric_specs(options, ["energy"], {"energy": ["positions", "strain"]})
+    metrics = PhysicalMetrics(specs, "train").to(device)
+    model = RadialMLP(n_radial=8 if quick else 16, hidden=(16,) if quick else (64, 64))
+    model = model.to(device).train()
+    n_atoms = torch.tensor([[len(s)] for s in systems], dtype=torch.float64, device=device)
+
+    def bare() -> None:
+        _bare_loss(model(systems), targets, n_atoms).backward()
+
+    def ours() -> None:
+        predictions, loss_targets = scaling.prepare_for_loss(
+            holder, systems, model(systems), targets
+        )
+        value = loss(predictions, loss_targets, extra_data, systems)
+        with torch.no_grad():
+            physical = scaling.for_metrics(systems, predictions, loss_targets, scaler)
+            metrics.update(*physical, systems)
+        value.backward()
+
+    return [
+        Case(
+            "training step",
+            "RadialMLP, 8 EMT structures, E+F+S: bare step vs step with pl_mtt",
+            bare,
+            ours,
+            target="overhead = 1/speedup - 1 (GPU goal ≤ 5%)",
+            repeats=5 if quick else 30,
+            warmup=2 if quick else 5,
+        )
+    ]
+
+
+if __name__ == "__main__":
+    main_for(cases, "pl_mtt's overhead in a training step")
