@@ -90,6 +90,20 @@ class PointwiseLoss(LossTerm):
         """Pointwise terms of the same kind, ``delta`` and masking are fused."""
         return ("pointwise", self.kind, self.delta, self.masked)
 
+    def maps(
+        self,
+        predictions: dict[str, TensorMap],
+        targets: dict[str, TensorMap],
+        extra_data: dict[str, TensorMap] | None = None,
+    ) -> tuple[TensorMap, TensorMap, TensorMap | None]:
+        """The prediction, target and (masked types) mask TensorMaps this term reads;
+        a missing one is a ``ValueError`` naming it."""
+        return (
+            self.lookup(predictions, self.prediction_key, "predictions"),
+            self.lookup(targets, self.target, "targets"),
+            self.lookup(extra_data, self.mask_key, "extra_data") if self.masked else None,
+        )
+
     def inputs(
         self,
         predictions: dict[str, TensorMap],
@@ -99,40 +113,53 @@ class PointwiseLoss(LossTerm):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Prediction, target and mask entries of this term after the layout checks:
         one block's values as they are, several blocks flattened and concatenated."""
-        prediction = self.lookup(predictions, self.prediction_key, "predictions")
-        target = self.lookup(targets, self.target, "targets")
-        mask = self.lookup(extra_data, self.mask_key, "extra_data") if self.masked else None
+        return self._checked_inputs(*self.maps(predictions, targets, extra_data), cache)
+
+    def _checked_inputs(
+        self,
+        prediction: TensorMap,
+        target: TensorMap,
+        mask: TensorMap | None,
+        cache: ValueCache | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         p_values = self.term_values(prediction, "the prediction", cache)
         t_values = self.term_values(target, "the target", cache)
         m_values = None if mask is None else self.term_values(mask, "the mask", cache)
-
-        def full_check() -> None:
-            t_blocks = self.term_blocks(target, "the target")
-            p_blocks = self.term_blocks(prediction, "the prediction")
-            check_same_layout(
-                self, target, t_blocks, prediction, p_blocks, ("target", "prediction")
-            )
-            if mask is not None:
-                m_blocks = self.term_blocks(mask, "the mask")
-                check_same_layout(self, target, t_blocks, mask, m_blocks, ("target", "mask"))
-            if len(t_values) == 0:
-                raise self.error("the target has no blocks")
-            if p_values[0].dtype != t_values[0].dtype or p_values[0].device != t_values[0].device:
-                raise self.error(
-                    f"prediction ({p_values[0].dtype}, {p_values[0].device}) and target "
-                    f"({t_values[0].dtype}, {t_values[0].device}) differ in dtype or device"
-                )
-
         signature = _signature(p_values, t_values, m_values)
         if signature is None:
-            full_check()  # names the mismatch
+            self._full_check(prediction, target, mask, p_values, t_values)  # names it
             raise self.error("prediction, target and mask blocks differ in shape")
-        self.check_once(signature, full_check)
+        self.check_once(
+            signature, lambda: self._full_check(prediction, target, mask, p_values, t_values)
+        )
         return (
             flatten_values(p_values),
             flatten_values(t_values),
             None if m_values is None else flatten_values(m_values),
         )
+
+    def _full_check(
+        self,
+        prediction: TensorMap,
+        target: TensorMap,
+        mask: TensorMap | None,
+        p_values: list[torch.Tensor],
+        t_values: list[torch.Tensor],
+    ) -> None:
+        """Metadata checks (``Labels`` comparisons), run once per layout."""
+        t_blocks = self.term_blocks(target, "the target")
+        p_blocks = self.term_blocks(prediction, "the prediction")
+        check_same_layout(self, target, t_blocks, prediction, p_blocks, ("target", "prediction"))
+        if mask is not None:
+            m_blocks = self.term_blocks(mask, "the mask")
+            check_same_layout(self, target, t_blocks, mask, m_blocks, ("target", "mask"))
+        if len(t_values) == 0:
+            raise self.error("the target has no blocks")
+        if p_values[0].dtype != t_values[0].dtype or p_values[0].device != t_values[0].device:
+            raise self.error(
+                f"prediction ({p_values[0].dtype}, {p_values[0].device}) and target "
+                f"({t_values[0].dtype}, {t_values[0].device}) differ in dtype or device"
+            )
 
     def sum_and_count(
         self,
@@ -154,22 +181,16 @@ class PointwiseLoss(LossTerm):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """All ``terms`` (one :attr:`fusion_key`) in one
         :func:`~pl_mtt.functional.pointwise.pointwise_segment_sums` call."""
-        first = terms[0]
-        sources = [(predictions, "prediction_key"), (targets, "target")]
-        if first.masked:
-            sources.append((extra_data or {}, "mask_key"))
-        cache.prefetch(  # every map the terms read, in one call (missing ones error below)
-            [
-                tensors[getattr(term, key)]
-                for term in terms
-                for tensors, key in sources
-                if getattr(term, key) in tensors
-            ]
-        )
+        maps = [term.maps(predictions, targets, extra_data) for term in terms]
+        cache.prefetch([m for triple in maps for m in triple if m is not None])  # one call
         p_list, t_list, m_list = zip(
-            *[term.inputs(predictions, targets, extra_data, cache) for term in terms],
+            *[
+                term._checked_inputs(*triple, cache)
+                for term, triple in zip(terms, maps, strict=True)
+            ],
             strict=True,
         )
+        first = terms[0]
         return pointwise_segment_sums(
             p_list, t_list, m_list if first.masked else None, kind=first.kind, delta=first.delta
         )
