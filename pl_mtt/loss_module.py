@@ -132,8 +132,9 @@ class LossAggregate(Metric):
 
 class _Step:
     """What a LossModule step with a given set of present terms needs, built once:
-    the groups of terms computed together, in evaluation order, and per dtype and
-    device the constant tensors (term index, weights, ``sum`` flags, aggregate rows)."""
+    the groups of terms computed together (a fused group or one term) in evaluation
+    order, and per dtype and device the constant tensors (term index, weights, ``sum``
+    flags) in the order of the results."""
 
     def __init__(self, groups: list[list[tuple[int, LossTerm]]]) -> None:
         self.groups = [
@@ -196,6 +197,11 @@ class LossModule(torch.nn.Module):
     ``stress`` or ``virial`` for the gradients of energy-like targets
     (``energy/forces``). The module does not own the scaler: it is not part of this
     module's ``state_dict`` (the LightningModule owns it, e.g. as ``pl_module.scaler``).
+
+    A step reads each TensorMap once and computes terms that declare the same
+    :attr:`~pl_mtt.losses.LossTerm.fusion_key` together (e.g. energy, force and stress
+    ``mse``: one autograd node); the epoch state (:attr:`aggregate`) and
+    :attr:`last_values` are bookkept without extra work per step.
 
     Args:
         loss: any loss-config form (see :func:`pl_mtt.expand_loss_config`).

@@ -9,7 +9,11 @@
         forces: mae               # all entries of the positions gradient blocks
 
 The per-entry computation is :func:`pl_mtt.functional.pointwise.pointwise_sum_and_count`
-on every entry of every block of the target (or of its gradient blocks).
+on every entry of every block of the target (or of its gradient blocks). Inside a
+``LossModule``, the pointwise terms of one kind (same ``delta`` and masking, e.g. the
+energy, force and stress ``mse`` terms) are computed together by
+:func:`~pl_mtt.functional.pointwise.pointwise_segment_sums`: one read of each TensorMap,
+one autograd node, the same per-term sums.
 """
 
 from __future__ import annotations
