@@ -23,6 +23,7 @@ import torch
 
 __all__ = [
     "POINTWISE_KINDS",
+    "count_kept",
     "masked_difference",
     "pointwise_derivatives",
     "pointwise_elementwise",
@@ -82,15 +83,21 @@ def pointwise_derivatives(
 def masked_difference(
     prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``prediction - target`` with the ignored entries set to 0, and the entries kept.
+    """``prediction - target`` with the ignored entries set to 0, and the ignored entries.
 
     An entry is ignored when its target is NaN or (if ``mask`` is given) its mask is 0;
     its difference is 0 whatever the prediction there (even NaN), with a zero gradient.
     """
-    kept = target == target  # False exactly where the target is NaN
+    ignored = torch.isnan(target)
     if mask is not None:
-        kept.logical_and_(mask != 0)
-    return torch.where(kept, prediction - target, 0.0), kept
+        ignored.logical_or_(mask == 0)
+    # in place on the fresh difference: cheaper than torch.where with a scalar
+    return (prediction - target).masked_fill_(ignored, 0.0), ignored
+
+
+def count_kept(ignored: torch.Tensor) -> torch.Tensor:
+    """Number of entries that count (an ``int64`` tensor) given the ignored ones."""
+    return torch.rsub(torch.count_nonzero(ignored), ignored.numel())
 
 
 def pointwise_sum_and_count(
@@ -108,9 +115,9 @@ def pointwise_sum_and_count(
     prediction there. All three tensors have the same shape. The count is an ``int64``
     tensor; when nothing counts the sum is an exact zero that keeps the autograd path.
     """
-    difference, kept = masked_difference(prediction, target, mask)
+    difference, ignored = masked_difference(prediction, target, mask)
     total = pointwise_elementwise(difference, kind, delta).sum()
-    return total, torch.count_nonzero(kept)
+    return total, count_kept(ignored)
 
 
 class _SegmentSums(torch.autograd.Function):
@@ -129,10 +136,10 @@ class _SegmentSums(torch.autograd.Function):
         masks = tensors[2 * n_segments :] or (None,) * n_segments
         sums, counts, differences = [], [], []
         for prediction, target, mask in zip(predictions, targets, masks, strict=True):
-            difference, kept = masked_difference(prediction, target, mask)
+            difference, ignored = masked_difference(prediction, target, mask)
             differences.append(difference)
             sums.append(pointwise_elementwise(difference, kind, delta).sum())
-            counts.append(torch.count_nonzero(kept))
+            counts.append(count_kept(ignored))
         counts_t = torch.stack(counts)
         ctx.mark_non_differentiable(counts_t)
         ctx.save_for_backward(*differences, *tensors)
