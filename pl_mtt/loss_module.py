@@ -27,7 +27,7 @@ from metatensor.torch import TensorBlock, TensorMap
 from torchmetrics import Metric
 
 from pl_mtt.config import _to_plain, expand_loss_config, gradient_alias
-from pl_mtt.losses.base import LossTerm, create_loss
+from pl_mtt.losses.base import LossTerm, ValueCache, create_loss
 from pl_mtt.tensormaps import ensemble_output_name
 
 __all__ = ["LossAggregate", "LossModule"]
@@ -41,34 +41,153 @@ class LossAggregate(Metric):
 
     ``mean`` terms: global sum of per-element losses / global element count;
     ``sum`` terms: global sum / number of batches in which the term was present.
+    The state is one ``(3, n_terms)`` float64 tensor (rows: sums, counts, batches).
+
+    A LossModule step only :meth:`queue` s its results (a list append); they are added
+    to the state by one :meth:`update` when the state is read (``compute``, the DDP
+    sync, ``sums``/``counts``/``batches``, ``state_dict``, a device move) and every
+    :attr:`QUEUE_LENGTH` steps. ``update`` adds at once.
     """
 
     full_state_update = False
+    QUEUE_LENGTH = 64
 
     def __init__(self, reductions: list[str]) -> None:
-        super().__init__()
+        # no cached compute(): queued steps are only added when the state is read
+        super().__init__(compute_with_cache=False)
         n_terms = len(reductions)
         self.register_buffer(
             "is_sum",
             torch.tensor([r == "sum" for r in reductions], dtype=torch.bool),
             persistent=False,
         )
-        self.add_state("sums", torch.zeros(n_terms, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("counts", torch.zeros(n_terms, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("batches", torch.zeros(n_terms, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("totals", torch.zeros(3, n_terms, dtype=torch.float64), dist_reduce_fx="sum")
+        self._queue: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
-    def update(
-        self, index: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor, ones: torch.Tensor
-    ) -> None:
-        """Add one step's per-term ``sums`` and ``counts`` for the terms at ``index``
-        (``ones``: a float64 vector of ones as long as ``index``)."""
-        self.sums.index_add_(0, index, sums.to(torch.float64))
-        self.counts.index_add_(0, index, counts.to(torch.float64))
-        self.batches.index_add_(0, index, ones)
+    @property
+    def sums(self) -> torch.Tensor:
+        """Sum of the per-element losses (``mean`` terms) or of the losses (``sum``)."""
+        self.flush()
+        return self.totals[0]
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """Number of elements that counted."""
+        self.flush()
+        return self.totals[1]
+
+    @property
+    def batches(self) -> torch.Tensor:
+        """Number of steps in which each term was present."""
+        self.flush()
+        return self.totals[2]
+
+    def update(self, index: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor) -> None:
+        """Add ``sums`` and ``counts`` to the terms at ``index`` (one step of each term
+        per entry; an index may repeat)."""
+        rows = torch.stack(
+            [
+                sums.to(torch.float64),
+                counts.to(torch.float64),
+                torch.ones_like(index, dtype=torch.float64),
+            ]
+        )
+        self.totals.index_add_(1, index, rows)
+
+    def queue(self, index: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor) -> None:
+        """:meth:`update` later (detached tensors; cheap enough for every step)."""
+        self._queue.append((index, sums, counts))
+        if len(self._queue) >= self.QUEUE_LENGTH:
+            self.flush()
+
+    def flush(self) -> None:
+        """Add the queued steps to the state."""
+        if self._queue:
+            queued = list(self._queue)
+            self._queue.clear()
+            device = self.totals.device  # differs only if the module moved meanwhile
+            self.update(*(torch.cat(parts).to(device) for parts in zip(*queued, strict=True)))
 
     def compute(self) -> torch.Tensor:
-        denominators = torch.where(self.is_sum, self.batches, self.counts)
-        return self.sums / denominators.clamp(min=1)
+        self.flush()
+        sums, counts, batches = self.totals.unbind()
+        return sums / torch.where(self.is_sum, batches, counts).clamp(min=1)
+
+    def sync(self, *args, **kwargs) -> None:
+        self.flush()  # every rank adds its own queue before the states are reduced
+        super().sync(*args, **kwargs)
+
+    def reset(self) -> None:
+        self._queue.clear()
+        super().reset()
+
+    def _apply(self, fn, *args, **kwargs):
+        self.flush()
+        return super()._apply(fn, *args, **kwargs)
+
+    def _save_to_state_dict(self, *args, **kwargs) -> None:
+        self.flush()
+        super()._save_to_state_dict(*args, **kwargs)
+
+
+class _Step:
+    """What a LossModule step with a given set of present terms needs, built once:
+    the groups of terms computed together (a fused group or one term) in evaluation
+    order, and per dtype and device the constant tensors (term index, weights, ``sum``
+    flags) in the order of the results."""
+
+    def __init__(self, groups: list[list[tuple[int, LossTerm]]]) -> None:
+        self.groups = [
+            (type(group[0][1]).fused_sum_and_count, [term for _, term in group])
+            if len(group) > 1
+            else (_single_sum_and_count, [group[0][1]])
+            for group in groups
+        ]
+        pairs = [pair for group in groups for pair in group]  # in order of the results
+        self.order = [index for index, _ in pairs]
+        self.weights = [term.weight for _, term in pairs]
+        self.is_sum = [term.reduction == "sum" for _, term in pairs]
+        self.tensors: dict[tuple, tuple] = {}
+
+    def constants(self, like: torch.Tensor, aggregate: LossAggregate) -> tuple:
+        """(term index, weights, ``sum`` flags or None when no term sums) on ``like``'s
+        device, the weights in its dtype. The first time, ``aggregate`` is moved to
+        that device (the epoch state lives where the losses are)."""
+        key = (like.dtype, like.device)
+        found = self.tensors.get(key)
+        if found is None:
+            device = like.device
+            if aggregate.totals.device != device:
+                aggregate.to(device)
+            found = self.tensors[key] = (
+                torch.tensor(self.order, dtype=torch.long, device=device),
+                torch.tensor(self.weights, dtype=like.dtype, device=device),
+                torch.tensor(self.is_sum, dtype=torch.bool, device=device)
+                if any(self.is_sum)
+                else None,
+            )
+        return found
+
+
+def _single_sum_and_count(
+    terms: list[LossTerm],
+    predictions: dict[str, TensorMap],
+    targets: dict[str, TensorMap],
+    extra_data: dict[str, TensorMap] | None,
+    cache: ValueCache,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    total, count = terms[0].sum_and_count(predictions, targets, extra_data)
+    return total.reshape(1), count.reshape(1)
+
+
+class _LastCall:
+    """The per-term results of the last call (a plain holder: assigning attributes of
+    an ``nn.Module`` costs several microseconds)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value: tuple | None = None
 
 
 class LossModule(torch.nn.Module):
@@ -78,6 +197,11 @@ class LossModule(torch.nn.Module):
     ``stress`` or ``virial`` for the gradients of energy-like targets
     (``energy/forces``). The module does not own the scaler: it is not part of this
     module's ``state_dict`` (the LightningModule owns it, e.g. as ``pl_module.scaler``).
+
+    A step reads each TensorMap once and computes terms that declare the same
+    :attr:`~pl_mtt.losses.LossTerm.fusion_key` together (e.g. energy, force and stress
+    ``mse``: one autograd node); the epoch state (:attr:`aggregate`) and
+    :attr:`last_values` are bookkept without extra work per step.
 
     Args:
         loss: any loss-config form (see :func:`pl_mtt.expand_loss_config`).
@@ -127,8 +251,8 @@ class LossModule(torch.nn.Module):
         self._reads = [(term.target, term.prediction_key) for term in terms]
         self.aggregate = LossAggregate([term.reduction for term in terms])
         self._property_scaled: dict[str, tuple[bool, bool]] = {}
-        self._patterns: dict[Any, tuple[torch.Tensor, ...]] = {}
-        self._last: tuple[tuple[int, ...], torch.Tensor] | None = None
+        self._steps: dict[tuple[int, ...], _Step] = {}
+        self._last = _LastCall()
         self._scaler: tuple[torch.nn.Module, ...] = ()
         if scaler is not None:
             self.set_scaler(scaler)
@@ -159,60 +283,68 @@ class LossModule(torch.nn.Module):
         """The weighted sum of the terms (differentiable)."""
         if self._scaler:
             predictions = self._apply_property_scales(predictions, targets, systems)
-        present, sums, counts = [], [], []
-        for index, (term, (target, output)) in enumerate(
-            zip(self.term_list, self._reads, strict=True)
-        ):
-            if target not in targets and target not in predictions and output not in predictions:
-                continue  # absent from this batch: contributes an exact zero
-            total, count = term.sum_and_count(predictions, targets, extra_data)
-            present.append(index)
-            sums.append(total)
-            counts.append(count)
+        present = tuple(
+            index
+            for index, (target, output) in enumerate(self._reads)
+            if target in targets or target in predictions or output in predictions
+        )  # the others are absent from this batch: they contribute an exact zero
         distributed = self.global_mean and _world_size() > 1
         if not present:
             if distributed:  # every rank issues the same collective
                 torch.distributed.all_reduce(self._zero_counts())
-            self._last = ((), self.aggregate.sums[:0])
-            return _zero_like(predictions, self.aggregate.sums)
+            self._last.value = None
+            return _zero_like(predictions, self.aggregate.totals)
 
-        sums_t = torch.stack(sums)
-        counts_t = torch.stack(counts)
-        key = (tuple(present), sums_t.dtype, sums_t.device)
-        pattern = self._patterns.get(key)
-        if pattern is None:
-            pattern = self._patterns[key] = self._pattern(present, sums_t)
-        index, weights, is_sum, ones = pattern
-        with torch.no_grad():
-            # mean terms divide by their element count, sum terms by 1
-            denominators = counts_t.clamp(min=1).masked_fill_(is_sum, 1)
-            local = sums_t.detach() / denominators
-            if distributed:
-                all_counts = self._zero_counts().index_copy_(0, index, counts_t.to(torch.float64))
-                torch.distributed.all_reduce(all_counts)
-                denominators = all_counts[index].clamp(min=1).masked_fill_(is_sum, 1)
-                factors = weights * _world_size() / denominators
+        step = self._steps.get(present)
+        if step is None:
+            step = self._steps[present] = self._step(present)
+        cache = ValueCache()
+        if len(step.groups) == 1:
+            compute, terms = step.groups[0]
+            sums, counts = compute(terms, predictions, targets, extra_data, cache)
+        else:
+            results = [
+                compute(terms, predictions, targets, extra_data, cache)
+                for compute, terms in step.groups
+            ]
+            sums = torch.cat([result[0] for result in results])
+            counts = torch.cat([result[1] for result in results])
+
+        index, weights, is_sum = step.constants(sums, self.aggregate)
+        # mean terms divide by their element count, sum terms by 1 (no autograd here:
+        # counts, weights and the all-reduced counts carry no gradient)
+        if distributed:
+            all_counts = self._zero_counts().index_copy_(0, index, counts.to(torch.float64))
+            torch.distributed.all_reduce(all_counts)
+            factors = weights * _world_size() / _denominators(all_counts[index], is_sum)
+        else:
+            factors = weights / _denominators(counts, is_sum)
+        detached = sums.detach()
+        self.aggregate.queue(index, detached, counts)
+        self._last.value = (step.order, detached, counts, is_sum)
+        if factors.dtype != sums.dtype:
+            factors = factors.to(sums.dtype)
+        return torch.dot(sums, factors)
+
+    def _step(self, present: tuple[int, ...]) -> _Step:
+        """Group the present terms: terms of one class with the same fusion key are
+        computed together (at the position of the first of them), the others alone."""
+        groups: list[list[tuple[int, LossTerm]]] = []
+        by_key: dict = {}
+        for index in present:
+            term = self.term_list[index]
+            key = getattr(term, "fusion_key", None)
+            if key is None:
+                groups.append([(index, term)])
+            elif (type(term), key) in by_key:
+                by_key[type(term), key].append((index, term))
             else:
-                factors = weights / denominators
-        total = torch.dot(sums_t, factors.to(sums_t.dtype))
-        self._last = (tuple(present), local)
-        self.aggregate.update(index, sums_t.detach(), counts_t, ones)
-        return total
-
-    def _pattern(self, present: list[int], like: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        terms = [self.term_list[i] for i in present]
-        device = like.device
-        if self.aggregate.sums.device != device:
-            self.aggregate.to(device)  # the epoch state lives where the losses are
-        return (
-            torch.tensor(present, dtype=torch.long, device=device),
-            torch.tensor([t.weight for t in terms], dtype=like.dtype, device=device),
-            torch.tensor([t.reduction == "sum" for t in terms], dtype=torch.bool, device=device),
-            torch.ones(len(terms), dtype=torch.float64, device=device),
-        )
+                by_key[type(term), key] = [(index, term)]
+                groups.append(by_key[type(term), key])
+        return _Step(groups)
 
     def _zero_counts(self) -> torch.Tensor:
-        return torch.zeros_like(self.aggregate.counts)
+        return torch.zeros_like(self.aggregate.totals[1])
 
     # -- logging and epoch aggregates ---------------------------------------------------
     @property
@@ -221,10 +353,14 @@ class LossModule(torch.nn.Module):
 
         With ``global_mean`` these are this rank's own values (local counts).
         """
-        if self._last is None:
+        if self._last.value is None:
             return {}
-        present, values = self._last
-        return {self.term_names[i]: v for i, v in zip(present, values.unbind(), strict=True)}
+        order, sums, counts, is_sum = self._last.value
+        values = sums / _denominators(counts, is_sum)
+        return {
+            self.term_names[i]: v
+            for i, v in sorted(zip(order, values.unbind(), strict=True), key=lambda x: x[0])
+        }
 
     def compute(self) -> dict[str, torch.Tensor]:
         """Epoch aggregate of every term, reduced across DDP ranks (see DESIGN.md)."""
@@ -237,7 +373,7 @@ class LossModule(torch.nn.Module):
     def reset(self) -> None:
         """Start a new epoch (and forget the last values)."""
         self.aggregate.reset()
-        self._last = None
+        self._last.value = None
 
     # -- per-property scales ------------------------------------------------------------
     def _property_scaling(self, target: str, layout: TensorMap) -> tuple[bool, bool]:
@@ -296,6 +432,12 @@ class LossModule(torch.nn.Module):
                 if name in predictions:
                     scaled[name] = _multiply(predictions[name], scales[target])
         return scaled
+
+
+def _denominators(counts: torch.Tensor, is_sum: torch.Tensor | None) -> torch.Tensor:
+    """Element counts (at least 1) of ``mean`` terms, 1 for ``sum`` terms."""
+    denominators = counts.clamp(min=1)
+    return denominators if is_sum is None else denominators.masked_fill(is_sum, 1)
 
 
 def _world_size() -> int:

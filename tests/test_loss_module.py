@@ -9,8 +9,9 @@ import torch
 import yaml
 from metatensor.torch import TensorBlock, TensorMap
 
-from pl_mtt.loss_module import LossModule
+from pl_mtt.loss_module import LossAggregate, LossModule
 from pl_mtt.losses import create_loss
+from pl_mtt.losses.base import ValueCache, read_values
 from pl_mtt.registry import register_loss_type, unregister_loss_type
 from tests.conftest import REPO_ROOT
 from tests.scripts.losses_data import (
@@ -174,6 +175,114 @@ def test_instances_do_not_share_state(generator):
     assert train.aggregate.batches.tolist() == [1.0, 1.0, 1.0]
     assert val.aggregate.batches.tolist() == [2.0, 2.0, 2.0]
     assert train.compute()["energy"].item() != val.compute()["energy"].item()
+
+
+# --- fused terms, shared reads, queued aggregates --------------------------------------------
+def test_fused_groups_equal_direct_terms(generator):
+    """Pointwise terms of one kind are computed together (one autograd node per group);
+    every term value, the total and its gradients equal those of the terms called
+    directly, whatever the grouping (mse x3, masked_mae x2, an ensemble term alone)."""
+    targets_options = {
+        "energy": {"quantity": "energy", "forces": True, "stress": True},
+        "mtt::x": {"gradients": ["positions"]},
+        "mtt::y": {},
+    }
+    loss = {
+        "energy": {"type": "mse", "weight": 2.0, "forces": "mse", "stress": {"weight": 0.3}},
+        "mtt::x": {
+            "type": "masked_mae",
+            "reduction": "sum",
+            "gradients": {"positions": {"type": "masked_mae", "weight": 0.1}},
+        },
+        "mtt::y": {"type": "empirical_crps_ensemble", "weight": 0.5},
+    }
+    module = LossModule(loss, targets_options)
+    energy_pred, energy_target = mlip_batch([3, 4, 2], generator, requires_grad=True)
+    x_pred = multi_block_map([3, 4, 2], generator, requires_grad=True)
+    x_target = with_nans(multi_block_map([3, 4, 2], generator), generator)
+    x_mask = map_like(x_target, lambda v: (torch.rand(v.shape, generator=generator) > 0.4).double())
+    y_target = with_nans(multi_block_map([3, 4, 2], generator, with_gradient=False), generator)
+    y_ensemble = ensemble_of(y_target, 3, generator)
+    predictions = {**energy_pred, "mtt::x": x_pred, "mtt::aux::y_ensemble": y_ensemble}
+    targets = {**energy_target, "mtt::x": x_target, "mtt::y": y_target}
+    extra = {"mtt::x_mask": x_mask}
+
+    total = module(predictions, targets, extra)
+    direct = {name: term(predictions, targets, extra) for name, term in module.terms.items()}
+    assert set(module.last_values) == set(direct)
+    for name, value in direct.items():
+        assert module.last_values[name].item() == pytest.approx(value.item(), rel=1e-13)
+    expected = sum(term.weight * direct[name] for name, term in module.terms.items())
+    assert total.item() == pytest.approx(expected.item(), rel=1e-13)
+    leaves = [
+        energy_pred["energy"].block_by_id(0).gradient("positions").values,
+        x_pred.block_by_id(1).values,
+        x_pred.block_by_id(0).gradient("positions").values,
+    ]
+    got = torch.autograd.grad(total, leaves)
+    wanted = torch.autograd.grad(expected, leaves)
+    for a, b in zip(got, wanted, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+    step = module._steps[(0, 1, 2, 3, 4, 5)]
+    assert [len(terms) for _, terms in step.groups] == [
+        3,
+        2,
+        1,
+    ]  # energy terms, masked mtt::x terms, the ensemble term
+
+
+def test_epoch_aggregates_across_queue_flushes(generator, monkeypatch):
+    """Steps are queued and added in one update every QUEUE_LENGTH steps or when read;
+    compute() is exact whatever the queue holds, reset() drops it."""
+    monkeypatch.setattr(LossAggregate, "QUEUE_LENGTH", 3)
+    targets_options = {"energy": {"quantity": "energy", "forces": True}, "mtt::d": {}}
+    module = LossModule({"energy": {"forces": "mae"}, "mtt::d": "mse"}, targets_options)
+    sums, counts, batches = [0.0] * 3, [0] * 3, [0] * 3
+    for step in range(8):
+        predictions, targets = mlip_batch([2 + step % 3, 3], generator)
+        if step % 2:  # mtt::d present every other step
+            predictions["mtt::d"] = random_energy(
+                [2, 1], generator, n_properties=3, gradients=False
+            )
+            targets["mtt::d"] = with_nans(
+                random_energy([2, 1], generator, n_properties=3, gradients=False), generator
+            )
+        module(predictions, targets)
+        for i, (name, kind, gradient) in enumerate(
+            [("energy", "mse", None), ("energy", "mae", "positions"), ("mtt::d", "mse", None)]
+        ):
+            if name not in targets:
+                continue
+            sums[i] += pointwise_reference(
+                kind, predictions[name], targets[name], None, gradient, reduction="sum"
+            )
+            block = targets[name].block_by_id(0)
+            values = block.values if gradient is None else block.gradient(gradient).values
+            counts[i] += int((~torch.isnan(values)).sum())
+            batches[i] += 1
+        if step == 3:
+            assert len(module.aggregate._queue) == 1  # 3 steps were added, 1 is queued
+    assert module.aggregate.batches.tolist() == batches  # reading adds the queue
+    assert module.aggregate._queue == []
+    epoch = module.compute()
+    for i, name in enumerate(["energy", "energy/forces", "mtt::d"]):
+        assert epoch[name].item() == pytest.approx(sums[i] / counts[i], rel=1e-12)
+    module(*mlip_batch([2], generator))
+    module.reset()
+    assert all(v.item() == 0.0 for v in module.compute().values())
+    assert module.aggregate.batches.tolist() == [0.0, 0.0, 0.0]
+
+
+def test_read_values_returns_the_block_tensors(generator):
+    tensor_map = multi_block_map([2, 3], generator, requires_grad=True)
+    values, gradients = read_values(tensor_map)
+    assert set(gradients) == {"positions"}
+    for i, block in enumerate(tensor_map.blocks()):
+        assert values[i] is block.values  # same tensors: gradients flow to the blocks
+        assert gradients["positions"][i] is block.gradient("positions").values
+    cache = ValueCache()
+    cache.prefetch([tensor_map, tensor_map])
+    assert cache.get(tensor_map)[0][1] is tensor_map.block_by_id(1).values
 
 
 # --- absent and missing targets --------------------------------------------------------------

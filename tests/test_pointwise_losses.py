@@ -8,7 +8,11 @@ import pytest
 import torch
 from metatensor.torch import Labels, TensorBlock, TensorMap
 
-from pl_mtt.functional.pointwise import pointwise_loss, pointwise_sum_and_count
+from pl_mtt.functional.pointwise import (
+    pointwise_loss,
+    pointwise_segment_sums,
+    pointwise_sum_and_count,
+)
 from pl_mtt.losses import create_loss
 from tests.scripts.losses_data import (
     energy_map,
@@ -265,6 +269,118 @@ def test_functional_compiles_fullgraph():
         compiled(prediction, target, mask), all_kinds(prediction, target, mask), strict=True
     ):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
+
+
+def test_segment_sums_compile_fullgraph_with_backward():
+    def all_kinds(predictions, targets, masks):
+        results = []
+        for kind in KINDS:
+            results.extend(
+                pointwise_segment_sums(predictions, targets, masks, kind=kind, delta=0.3)
+            )
+        return results
+
+    predictions, targets, masks = _segments(torch.Generator().manual_seed(5))
+    compiled = torch.compile(all_kinds, fullgraph=True, backend="aot_eager")
+    got, expected = compiled(predictions, targets, masks), all_kinds(predictions, targets, masks)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+    grads = [
+        torch.autograd.grad(sum(r.sum() for r in out[::2]), predictions) for out in (got, expected)
+    ]
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+
+
+# --- several segments in one call (the LossModule's fused terms) ---------------------------
+def _segments(generator, requires_grad=True):
+    """Segments of different shapes (energy-, force- and stress-like) with NaN targets,
+    random masks, and one segment where nothing counts."""
+    shapes = [(6, 1), (17, 3, 1), (6, 3, 3, 1), (4, 2)]
+    predictions = [
+        torch.randn(shape, generator=generator, dtype=torch.float64).requires_grad_(requires_grad)
+        for shape in shapes
+    ]
+    targets = []
+    for shape in shapes:
+        target = torch.randn(shape, generator=generator, dtype=torch.float64)
+        targets.append(target.masked_fill(torch.rand(shape, generator=generator) < 0.3, math.nan))
+    targets[-1] = torch.full(shapes[-1], math.nan, dtype=torch.float64)  # nothing counts
+    choices = torch.tensor([0.0, 1.0, 0.5, -2.0], dtype=torch.float64)
+    masks = [choices[torch.randint(0, 4, shape, generator=generator)] for shape in shapes]
+    return predictions, targets, masks
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("masked", [False, True])
+def test_segment_sums_equal_per_segment_sum_and_count(generator, kind, masked):
+    """Each segment's sum and count are those of pointwise_sum_and_count (bit for bit),
+    and so are the gradients with respect to predictions and targets."""
+    predictions, targets, masks = _segments(generator)
+    targets = [t.requires_grad_(True) for t in targets]
+    masks = masks if masked else None
+    sums, counts = pointwise_segment_sums(predictions, targets, masks, kind=kind, delta=0.4)
+    assert sums.shape == counts.shape == (len(predictions),)
+    assert counts.dtype == torch.int64
+    assert not counts.requires_grad
+    expected = [
+        pointwise_sum_and_count(p, t, None if m is None else m, kind=kind, delta=0.4)
+        for p, t, m in zip(predictions, targets, masks or [None] * len(targets), strict=True)
+    ]
+    assert torch.equal(sums.detach(), torch.stack([total.detach() for total, _ in expected]))
+    assert torch.equal(counts, torch.stack([count for _, count in expected]))
+    assert counts[-1].item() == 0
+    assert sums[-1].item() == 0.0
+    weights = torch.randn(len(predictions), generator=generator, dtype=torch.float64)
+    got = torch.autograd.grad((sums * weights).sum(), [*predictions, *targets])
+    reference_total = sum(w * total for w, (total, _) in zip(weights, expected, strict=True))
+    wanted = torch.autograd.grad(reference_total, [*predictions, *targets])
+    for a, b in zip(got, wanted, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-15)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_segment_sums_gradcheck_and_gradgradcheck(generator, kind):
+    predictions, targets, masks = _segments(generator)
+    targets = [t.requires_grad_(True) for t in targets]
+    n = len(predictions)
+
+    def sums(*tensors):
+        return pointwise_segment_sums(tensors[:n], tensors[n:], masks, kind=kind, delta=0.4)[0]
+
+    inputs = (*predictions, *targets)
+    assert torch.autograd.gradcheck(sums, inputs)
+    assert torch.autograd.gradgradcheck(sums, inputs)
+
+
+def test_segment_sums_ignore_predictions_at_ignored_entries():
+    prediction = torch.tensor([1.0, math.nan, math.inf, 4.0], dtype=torch.float64)
+    prediction.requires_grad_(True)
+    target = torch.tensor([0.0, math.nan, 1.0, 2.0], dtype=torch.float64)
+    mask = torch.tensor([1.0, 1.0, 0.0, 1.0], dtype=torch.float64)
+    for kind in KINDS:
+        sums, counts = pointwise_segment_sums(
+            [prediction, prediction], [target, target], [mask, mask], kind=kind
+        )
+        expected = elementwise_reference(kind, 1.0, 1.0) + elementwise_reference(kind, 2.0, 1.0)
+        assert sums.tolist() == pytest.approx([expected, expected], abs=1e-15)
+        assert counts.tolist() == [2, 2]
+        (grad,) = torch.autograd.grad(sums.sum(), prediction)
+        assert grad[1].item() == 0.0
+        assert grad[2].item() == 0.0
+        assert torch.isfinite(grad).all()
+
+
+def test_segment_sums_bad_arguments():
+    x = torch.zeros(3)
+    with pytest.raises(ValueError, match="unknown pointwise loss kind 'mape'"):
+        pointwise_segment_sums([x], [x], kind="mape")
+    with pytest.raises(ValueError, match="2 predictions, 1 targets and no masks"):
+        pointwise_segment_sums([x, x], [x])
+    with pytest.raises(ValueError, match="2 predictions, 2 targets and 1 masks"):
+        pointwise_segment_sums([x, x], [x, x], [x])
+    with pytest.raises(ValueError, match="at least one segment"):
+        pointwise_segment_sums([], [])
 
 
 # --- layout checks ------------------------------------------------------------------------

@@ -12,7 +12,9 @@ host-device synchronisation is needed); :meth:`LossTerm.forward` applies the red
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Hashable, Sequence
+from functools import cache
 
 import torch
 from metatensor.torch import TensorBlock, TensorMap
@@ -22,10 +24,12 @@ from pl_mtt.registry import REQUIRED, get_loss_type, loss_type_names
 
 __all__ = [
     "LossTerm",
+    "ValueCache",
     "block_name",
     "check_same_layout",
     "create_loss",
     "flatten_values",
+    "read_values",
     "reduce_loss",
     "values_signature",
 ]
@@ -56,6 +60,72 @@ def flatten_values(values: Sequence[torch.Tensor]) -> torch.Tensor:
     if len(values) == 1:
         return values[0]
     return torch.cat([v.reshape(-1) for v in values])
+
+
+def _read_values(
+    tensor_maps: list[TensorMap],
+) -> list[tuple[list[torch.Tensor], dict[str, list[torch.Tensor]]]]:
+    result: list[tuple[list[torch.Tensor], dict[str, list[torch.Tensor]]]] = []
+    for tensor_map in tensor_maps:
+        values: list[torch.Tensor] = []
+        gradients: dict[str, list[torch.Tensor]] = {}
+        for block in tensor_map.blocks():
+            values.append(block.values)
+            for name, gradient in block.gradients():
+                if name not in gradients:
+                    gradients[name] = []
+                gradients[name].append(gradient.values)
+        result.append((values, gradients))
+    return result
+
+
+@cache
+def _scripted_read_values() -> Callable:
+    """:func:`_read_values` compiled by TorchScript, or the Python function if that fails.
+
+    Every call on a metatensor object from Python costs several microseconds; inside
+    TorchScript the same calls are direct, so reading all values of a few TensorMaps
+    costs about as much as two of them.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script
+            return torch.jit.script(_read_values)
+    except Exception:
+        return _read_values
+
+
+def read_values(
+    tensor_map: TensorMap,
+) -> tuple[list[torch.Tensor], dict[str, list[torch.Tensor]]]:
+    """The values of every block of ``tensor_map`` in key order, and gradient name ->
+    the values of that gradient in every block that has it (one TorchScript call)."""
+    return _scripted_read_values()([tensor_map])[0]
+
+
+class ValueCache:
+    """Block values of TensorMaps, read once per map during one LossModule call and
+    shared by the terms that read the same map (the target and its gradients)."""
+
+    def __init__(self) -> None:
+        self._maps: dict[int, tuple] = {}
+
+    def prefetch(self, tensor_maps: Sequence[TensorMap]) -> None:
+        """Read the maps not yet read, all in one call."""
+        missing = {id(m): m for m in tensor_maps if id(m) not in self._maps}
+        if missing:
+            maps = list(missing.values())
+            for tensor_map, (values, gradients) in zip(
+                maps, _scripted_read_values()(maps), strict=True
+            ):
+                self._maps[id(tensor_map)] = (tensor_map, values, gradients)
+
+    def get(self, tensor_map: TensorMap) -> tuple[list[torch.Tensor], dict]:
+        """:func:`read_values` of ``tensor_map``, read on the first request."""
+        entry = self._maps.get(id(tensor_map))
+        if entry is None or entry[0] is not tensor_map:
+            entry = self._maps[id(tensor_map)] = (tensor_map, *read_values(tensor_map))
+        return entry[1], entry[2]
 
 
 class LossTerm(torch.nn.Module):
@@ -128,6 +198,19 @@ class LossTerm(torch.nn.Module):
                     ) from None
             raise
 
+    def term_values(
+        self, tensor_map: TensorMap, what: str, cache: ValueCache | None = None
+    ) -> list[torch.Tensor]:
+        """The values of :meth:`term_blocks`, read without creating block objects
+        (through ``cache`` when given). Errors as :meth:`term_blocks`."""
+        values, gradients = read_values(tensor_map) if cache is None else cache.get(tensor_map)
+        if self.gradient is None:
+            return values
+        found = gradients.get(self.gradient)
+        if found is None or len(found) != len(values):
+            return [block.values for block in self.term_blocks(tensor_map, what)]  # raises
+        return found
+
     def error(self, message: str) -> ValueError:
         """A ``ValueError`` prefixed with what this term computes."""
         return ValueError(f"loss on {self.description}: {message}")
@@ -148,6 +231,27 @@ class LossTerm(torch.nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Sum of per-element losses and the number of elements that counted."""
         raise NotImplementedError
+
+    @property
+    def fusion_key(self) -> Hashable | None:
+        """Terms of one class with the same non-``None`` key are computed together by
+        :meth:`fused_sum_and_count` inside a ``LossModule`` (``None``: never fused)."""
+        return None
+
+    @classmethod
+    def fused_sum_and_count(
+        cls,
+        terms: Sequence[LossTerm],
+        predictions: dict[str, TensorMap],
+        targets: dict[str, TensorMap],
+        extra_data: dict[str, TensorMap] | None,
+        cache: ValueCache,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The :meth:`sum_and_count` of each of ``terms`` (same :attr:`fusion_key`) as
+        two ``(K,)`` tensors; ``cache`` shares the TensorMap values between terms.
+        Subclasses with a fusion key override this with one computation for all."""
+        pairs = [term.sum_and_count(predictions, targets, extra_data) for term in terms]
+        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
     def forward(
         self,

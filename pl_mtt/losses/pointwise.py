@@ -9,26 +9,60 @@
         forces: mae               # all entries of the positions gradient blocks
 
 The per-entry computation is :func:`pl_mtt.functional.pointwise.pointwise_sum_and_count`
-on every entry of every block of the target (or of its gradient blocks).
+on every entry of every block of the target (or of its gradient blocks). Inside a
+``LossModule``, the pointwise terms of one kind (same ``delta`` and masking, e.g. the
+energy, force and stress ``mse`` terms) are computed together by
+:func:`~pl_mtt.functional.pointwise.pointwise_segment_sums`: one read of each TensorMap,
+one autograd node, the same per-term sums.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
 
 import torch
 from metatensor.torch import TensorMap
 
-from pl_mtt.functional.pointwise import POINTWISE_KINDS, pointwise_sum_and_count
-from pl_mtt.losses.base import LossTerm, check_same_layout, flatten_values, values_signature
+from pl_mtt.functional.pointwise import (
+    POINTWISE_KINDS,
+    pointwise_segment_sums,
+    pointwise_sum_and_count,
+)
+from pl_mtt.losses.base import (
+    LossTerm,
+    ValueCache,
+    check_same_layout,
+    flatten_values,
+)
 from pl_mtt.registry import Param, register_loss_type
 
 __all__ = ["PointwiseLoss"]
 
 
-def _same_shapes(first: list[torch.Tensor], second: list[torch.Tensor]) -> bool:
-    return len(first) == len(second) and all(
-        a.shape == b.shape for a, b in zip(first, second, strict=True)
+def _signature(
+    p_values: list[torch.Tensor], t_values: list[torch.Tensor], m_values: list[torch.Tensor] | None
+) -> tuple | None:
+    """Layout key for :meth:`LossTerm.check_once` (block shapes without the sample
+    count, dtypes, devices), or ``None`` when the blocks differ in shape or there are
+    none. Cheap: read from the tensors in hand, no ``Labels``."""
+    shapes = [v.shape for v in t_values]
+    if not shapes or [v.shape for v in p_values] != shapes:
+        return None
+    p, t = p_values[0], t_values[0]
+    if m_values is None:
+        return (*[shape[1:] for shape in shapes], p.dtype, t.dtype, p.device, t.device)
+    if [v.shape for v in m_values] != shapes:
+        return None
+    m = m_values[0]
+    return (
+        *[shape[1:] for shape in shapes],
+        p.dtype,
+        t.dtype,
+        m.dtype,
+        p.device,
+        t.device,
+        m.device,
     )
 
 
@@ -55,48 +89,114 @@ class PointwiseLoss(LossTerm):
         """Key of the mask in ``extra_data`` (``<target>_mask``)."""
         return f"{self.target}_mask"
 
+    @property
+    def fusion_key(self) -> tuple:
+        """Pointwise terms of the same kind, ``delta`` and masking are fused."""
+        return ("pointwise", self.kind, self.delta, self.masked)
+
+    def maps(
+        self,
+        predictions: dict[str, TensorMap],
+        targets: dict[str, TensorMap],
+        extra_data: dict[str, TensorMap] | None = None,
+    ) -> tuple[TensorMap, TensorMap, TensorMap | None]:
+        """The prediction, target and (masked types) mask TensorMaps this term reads;
+        a missing one is a ``ValueError`` naming it."""
+        return (
+            self.lookup(predictions, self.prediction_key, "predictions"),
+            self.lookup(targets, self.target, "targets"),
+            self.lookup(extra_data, self.mask_key, "extra_data") if self.masked else None,
+        )
+
+    def inputs(
+        self,
+        predictions: dict[str, TensorMap],
+        targets: dict[str, TensorMap],
+        extra_data: dict[str, TensorMap] | None = None,
+        cache: ValueCache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Prediction, target and mask entries of this term after the layout checks:
+        one block's values as they are, several blocks flattened and concatenated."""
+        return self._checked_inputs(*self.maps(predictions, targets, extra_data), cache)
+
+    def _checked_inputs(
+        self,
+        prediction: TensorMap,
+        target: TensorMap,
+        mask: TensorMap | None,
+        cache: ValueCache | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        p_values = self.term_values(prediction, "the prediction", cache)
+        t_values = self.term_values(target, "the target", cache)
+        m_values = None if mask is None else self.term_values(mask, "the mask", cache)
+        signature = _signature(p_values, t_values, m_values)
+        if signature is None:
+            self._full_check(prediction, target, mask, p_values, t_values)  # names it
+            raise self.error("prediction, target and mask blocks differ in shape")
+        self.check_once(
+            signature, lambda: self._full_check(prediction, target, mask, p_values, t_values)
+        )
+        return (
+            flatten_values(p_values),
+            flatten_values(t_values),
+            None if m_values is None else flatten_values(m_values),
+        )
+
+    def _full_check(
+        self,
+        prediction: TensorMap,
+        target: TensorMap,
+        mask: TensorMap | None,
+        p_values: list[torch.Tensor],
+        t_values: list[torch.Tensor],
+    ) -> None:
+        """Metadata checks (``Labels`` comparisons), run once per layout."""
+        t_blocks = self.term_blocks(target, "the target")
+        p_blocks = self.term_blocks(prediction, "the prediction")
+        check_same_layout(self, target, t_blocks, prediction, p_blocks, ("target", "prediction"))
+        if mask is not None:
+            m_blocks = self.term_blocks(mask, "the mask")
+            check_same_layout(self, target, t_blocks, mask, m_blocks, ("target", "mask"))
+        if len(t_values) == 0:
+            raise self.error("the target has no blocks")
+        if p_values[0].dtype != t_values[0].dtype or p_values[0].device != t_values[0].device:
+            raise self.error(
+                f"prediction ({p_values[0].dtype}, {p_values[0].device}) and target "
+                f"({t_values[0].dtype}, {t_values[0].device}) differ in dtype or device"
+            )
+
     def sum_and_count(
         self,
         predictions: dict[str, TensorMap],
         targets: dict[str, TensorMap],
         extra_data: dict[str, TensorMap] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        prediction = self.lookup(predictions, self.prediction_key, "predictions")
-        target = self.lookup(targets, self.target, "targets")
-        mask = self.lookup(extra_data, self.mask_key, "extra_data") if self.masked else None
-        p_blocks = self.term_blocks(prediction, "the prediction")
-        t_blocks = self.term_blocks(target, "the target")
-        m_blocks = None if mask is None else self.term_blocks(mask, "the mask")
-        p_values = [block.values for block in p_blocks]
-        t_values = [block.values for block in t_blocks]
-        m_values = None if m_blocks is None else [block.values for block in m_blocks]
+        prediction, target, mask = self.inputs(predictions, targets, extra_data)
+        return pointwise_sum_and_count(prediction, target, mask, kind=self.kind, delta=self.delta)
 
-        def full_check() -> None:
-            check_same_layout(
-                self, target, t_blocks, prediction, p_blocks, ("target", "prediction")
-            )
-            if mask is not None:
-                check_same_layout(self, target, t_blocks, mask, m_blocks, ("target", "mask"))
-            if len(t_values) == 0:
-                raise self.error("the target has no blocks")
-            if p_values[0].dtype != t_values[0].dtype or p_values[0].device != t_values[0].device:
-                raise self.error(
-                    f"prediction ({p_values[0].dtype}, {p_values[0].device}) and target "
-                    f"({t_values[0].dtype}, {t_values[0].device}) differ in dtype or device"
-                )
-
-        if not _same_shapes(p_values, t_values) or (
-            m_values is not None and not _same_shapes(m_values, t_values)
-        ):
-            full_check()  # names the mismatch
-            raise self.error("prediction, target and mask blocks differ in shape")
-        self.check_once(values_signature(p_values, t_values, m_values), full_check)
-        return pointwise_sum_and_count(
-            flatten_values(p_values),
-            flatten_values(t_values),
-            None if m_values is None else flatten_values(m_values),
-            kind=self.kind,
-            delta=self.delta,
+    @classmethod
+    def fused_sum_and_count(
+        cls,
+        terms: Sequence[PointwiseLoss],
+        predictions: dict[str, TensorMap],
+        targets: dict[str, TensorMap],
+        extra_data: dict[str, TensorMap] | None,
+        cache: ValueCache,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """All ``terms`` (one :attr:`fusion_key`) in one
+        :func:`~pl_mtt.functional.pointwise.pointwise_segment_sums` call."""
+        maps = [term.maps(predictions, targets, extra_data) for term in terms]
+        cache.prefetch([m for triple in maps for m in triple if m is not None])  # one call
+        p_list, t_list, m_list = zip(
+            *[
+                term._checked_inputs(*triple, cache)
+                for term, triple in zip(terms, maps, strict=True)
+            ],
+            strict=True,
+        )
+        first = terms[0]
+        return pointwise_segment_sums(
+            p_list, t_list, m_list if first.masked else None, kind=first.kind, delta=first.delta
         )
 
     def extra_repr(self) -> str:
