@@ -27,7 +27,8 @@ def execute(path: Path, cwd: Path = REPO_ROOT):
     """The notebook at ``path`` executed in a fresh ``python3`` kernel (not written).
 
     Raises ``nbclient.exceptions.CellExecutionError`` at the first failing cell. No
-    execution timestamps are recorded, so stored notebooks diff cleanly.
+    execution timestamps are recorded and the Python version is dropped from the
+    metadata, so stored notebooks diff cleanly.
     """
     import nbformat
     from nbclient import NotebookClient
@@ -41,6 +42,7 @@ def execute(path: Path, cwd: Path = REPO_ROOT):
         record_timing=False,
     )
     client.execute()
+    notebook.metadata.get("language_info", {}).pop("version", None)
     return notebook
 
 
