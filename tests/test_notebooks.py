@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -92,8 +93,9 @@ def test_notebook_is_stored_executed_without_timestamps(path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_executes(path, cache_dir, monkeypatch):
+def test_notebook_executes(path, cache_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("PL_MTT_CACHE", str(cache_dir))
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the notebooks' temporary directories
     for name, value in _kernel_env().items():
         monkeypatch.setenv(name, value)
     before = {p.name for p in REPO_ROOT.iterdir()}
@@ -110,7 +112,9 @@ def main(paths: list[str]) -> None:
     os.environ.update(_kernel_env())
     for path in [Path(p).resolve() for p in paths] or NOTEBOOKS:
         start = time.perf_counter()
-        notebook = execute(path)
+        with tempfile.TemporaryDirectory() as scratch:
+            os.environ["TMPDIR"] = scratch  # the notebook's outputs, removed afterwards
+            notebook = execute(path)
         nbformat.write(notebook, path)
         print(f"{path.relative_to(REPO_ROOT)}: {time.perf_counter() - start:.1f} s")
 
