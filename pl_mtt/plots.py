@@ -1,4 +1,7 @@
-"""PNG plots of a run: learning curves, parity plots, DOS overlays (matplotlib, Agg).
+"""PNG plots of a run: learning curves, parity plots, DOS overlays.
+
+Figures are plain ``matplotlib.figure.Figure`` objects saved to files: importing this
+module never switches the matplotlib backend (inline plots in notebooks keep working).
 
 .. code-block:: python
 
@@ -13,11 +16,8 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.figure import Figure
 
 from pl_mtt.evaluation import Collected
 
@@ -54,7 +54,8 @@ def learning_curves(metrics_csv: str | Path, out_dir: str | Path) -> list[Path]:
             by_metric[metric][stage] = points
     written = []
     for metric, stages in sorted(by_metric.items()):
-        figure, axes = plt.subplots(figsize=(5, 3.5))
+        figure = Figure(figsize=(5, 3.5))
+        axes = figure.subplots()
         for stage, points in stages.items():
             epochs, values = zip(*points, strict=True)
             style = "o" if stage == "test" else "-"
@@ -68,7 +69,6 @@ def learning_curves(metrics_csv: str | Path, out_dir: str | Path) -> list[Path]:
         figure.tight_layout()
         path = out_dir / f"learning_curve_{_file_name(metric)}.png"
         figure.savefig(path, dpi=100)
-        plt.close(figure)
         written.append(path)
     return written
 
@@ -85,7 +85,8 @@ def parity_plots(collected: Collected, out_dir: str | Path, prefix: str = "parit
         if not keep.any():
             continue
         prediction, target = prediction[keep], target[keep]
-        figure, axes = plt.subplots(figsize=(4.2, 4))
+        figure = Figure(figsize=(4.2, 4))
+        axes = figure.subplots()
         axes.scatter(target, prediction, s=4, alpha=0.5)
         low = float(min(target.min(), prediction.min()))
         high = float(max(target.max(), prediction.max()))
@@ -99,7 +100,6 @@ def parity_plots(collected: Collected, out_dir: str | Path, prefix: str = "parit
         figure.tight_layout()
         path = out_dir / f"{prefix}_{_file_name(name)}.png"
         figure.savefig(path, dpi=100)
-        plt.close(figure)
         written.append(path)
     return written
 
@@ -117,7 +117,8 @@ def dos_overlays(
             continue
         columns = min(3, len(curves))
         rows = math.ceil(len(curves) / columns)
-        figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 2.8 * rows), squeeze=False)
+        figure = Figure(figsize=(4 * columns, 2.8 * rows))
+        axes = figure.subplots(rows, columns, squeeze=False)
         for index, (prediction, target, mask) in enumerate(curves):
             axis = axes[index // columns][index % columns]
             energy = grid_spacing * np.arange(len(target))
@@ -133,7 +134,6 @@ def dos_overlays(
         figure.tight_layout()
         path = out_dir / f"dos_{_file_name(name)}.png"
         figure.savefig(path, dpi=100)
-        plt.close(figure)
         written.append(path)
     return written
 

@@ -18,7 +18,7 @@
 After :meth:`setup` (called by Lightning, or by hand before building the model):
 ``target_options`` (resolved: pass them to ``LossModule`` / ``expand_loss_config``),
 ``layouts()`` and ``atomic_types`` (for the ``Scaler``), ``train_dataset``,
-``val_dataset``, ``test_dataset``. Its ``transfer_batch_to_device`` hook moves batches
+``val_dataset``, ``test_dataset`` and ``split`` (their indices in the file). Its ``transfer_batch_to_device`` hook moves batches
 to the model's device (a LightningModule's own hook, if any, takes precedence).
 
 Distributed runs: the training loader is a plain shuffled loader, which Lightning
@@ -128,6 +128,7 @@ class AtomisticDataModule(lightning.LightningDataModule):
         self.train_dataset: AtomisticDataset | None = None
         self.val_dataset: AtomisticDataset | None = None
         self.test_dataset: AtomisticDataset | None = None
+        self.split: dict[str, list[int]] = {}
         self._atomic_types: list[int] = []
 
     # -- loading --------------------------------------------------------------------
@@ -160,6 +161,7 @@ class AtomisticDataModule(lightning.LightningDataModule):
         train, val, test = split_indices(
             len(full), self.val_fraction, self.test_fraction, self.split_seed
         )
+        self.split = {"train": train, "val": val, "test": test}  # indices into the file
         self.train_dataset = full.subset(train)
         self.val_dataset = full.subset(val)
         self.test_dataset = full.subset(test)

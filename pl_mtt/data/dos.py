@@ -31,6 +31,7 @@ __all__ = [
     "DOS_EXTRA_TARGETS",
     "DOS_GRID_SPACING",
     "DOS_N_POINTS",
+    "DOS_SIGMA",
     "dos_energy_grid",
     "generate_dos_structures",
     "mask_tensor_map",

@@ -96,6 +96,7 @@ def _dos(n_structures: int, seed: int, directory: Path) -> EmbeddedDataset:
         "extra_targets": dos_data.DOS_EXTRA_TARGETS,
         "grid_spacing": dos_data.DOS_GRID_SPACING,
         "energy_min": dos_data.DOS_E_MIN,
+        "broadening": dos_data.DOS_SIGMA,
     }
     return EmbeddedDataset("dos", str(path), targets, extra_data, info)
 
