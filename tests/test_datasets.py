@@ -73,6 +73,7 @@ def test_dos_dataset_targets_masks_and_shifts(cache):
         "extra_targets": dos_data.DOS_EXTRA_TARGETS,
         "grid_spacing": 0.05,
         "energy_min": dos_data.DOS_E_MIN,
+        "broadening": dos_data.DOS_SIGMA,
     }
     dataset = AtomisticDataset.from_file(data.path, data.targets, data.extra_data)
     assert dataset.target_options["mtt::dos"]["num_subtargets"] == dos_data.DOS_N_POINTS

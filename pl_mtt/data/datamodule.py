@@ -18,8 +18,9 @@
 After :meth:`setup` (called by Lightning, or by hand before building the model):
 ``target_options`` (resolved: pass them to ``LossModule`` / ``expand_loss_config``),
 ``layouts()`` and ``atomic_types`` (for the ``Scaler``), ``train_dataset``,
-``val_dataset``, ``test_dataset`` and ``split`` (their indices in the file). Its ``transfer_batch_to_device`` hook moves batches
-to the model's device (a LightningModule's own hook, if any, takes precedence).
+``val_dataset``, ``test_dataset`` and ``split`` (their indices in the file). Its
+``transfer_batch_to_device`` hook moves batches to the model's device (a
+LightningModule's own hook, if any, takes precedence).
 
 Distributed runs: the training loader is a plain shuffled loader, which Lightning
 shards with its ``DistributedSampler`` (padded, so that every rank runs the same number
