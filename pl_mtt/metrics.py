@@ -36,8 +36,8 @@ class SummedMeanAbsoluteError(MeanAbsoluteError):
         self.add_state("total", default=torch.zeros(num_outputs), dist_reduce_fx="sum")
 
     def update(self, sum_abs_error: torch.Tensor, total: torch.Tensor) -> None:
-        self.sum_abs_error += sum_abs_error
-        self.total += total
+        self.sum_abs_error.add_(sum_abs_error)
+        self.total.add_(total)
 
 
 class SummedRootMeanSquaredError(MeanSquaredError):
@@ -49,8 +49,8 @@ class SummedRootMeanSquaredError(MeanSquaredError):
         self.add_state("total", default=torch.zeros(num_outputs), dist_reduce_fx="sum")
 
     def update(self, sum_squared_error: torch.Tensor, total: torch.Tensor) -> None:
-        self.sum_squared_error += sum_squared_error
-        self.total += total
+        self.sum_squared_error.add_(sum_squared_error)
+        self.total.add_(total)
 
 
 @dataclass(frozen=True)
@@ -184,16 +184,17 @@ class PhysicalMetrics(torch.nn.Module):
                     )
                 factor = factor.to(t.dtype)
                 p, t = p * factor, t * factor
-            preds.append(p.detach())
+            preds.append(p)
             target.append(t)
             sizes.append(t.numel())
-        preds, target = torch.cat(preds), torch.cat(target)
+        preds, target = torch.cat(preds).detach(), torch.cat(target)
         valid = target == target  # not NaN
         residual = torch.where(valid, preds - target, 0.0).to(torch.float64)
         terms = torch.stack([residual.abs(), residual.square(), valid.to(torch.float64)])
         sums = torch.stack([chunk.sum(1) for chunk in terms.split(sizes, 1)], 1)
-        self.mae.update(sums[0], sums[2])
-        self.rmse.update(sums[1], sums[2])
+        sum_abs, sum_squares, counts = sums.unbind(0)
+        self.mae.update(sum_abs, counts)
+        self.rmse.update(sum_squares, counts)
 
     def compute(self) -> dict[str, torch.Tensor]:
         """``{key: value}`` for every spec and kind (reduced across ranks)."""
