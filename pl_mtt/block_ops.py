@@ -36,9 +36,11 @@ F = TypeVar("F", bound=Callable[..., Any])
 def lazy_script(function: F) -> F:
     """``torch.jit.script(function)``, compiled on the first call (not at import).
 
-    TorchScript is how metatensor's own classes run; its deprecation warning (for new
-    model code) is silenced here. Only top-level entry points are wrapped: functions they
-    call must stay plain (TorchScript compiles them with the caller).
+    TorchScript is how metatensor's own classes run; its deprecation warning (aimed at
+    model export) is silenced here. If compiling fails (a torch without TorchScript),
+    the Python function runs instead, with a warning: same results, slower. Only
+    top-level entry points are wrapped: the functions they call must stay plain
+    (TorchScript compiles them with the caller).
     """
     compiled: Callable[..., Any] | None = None
 
@@ -46,9 +48,18 @@ def lazy_script(function: F) -> F:
     def call(*args: Any, **kwargs: Any) -> Any:
         nonlocal compiled
         if compiled is None:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated")
-                compiled = torch.jit.script(function)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script
+                    compiled = torch.jit.script(function)
+            except Exception as error:  # pragma: no cover - depends on the torch build
+                warnings.warn(
+                    f"pl_mtt: TorchScript could not compile {function.__name__} ({error}); "
+                    f"running it in Python (slower)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                compiled = function
         return compiled(*args, **kwargs)
 
     return call  # type: ignore[return-value]
@@ -231,13 +242,13 @@ def flat_values(tensor: TensorMap, parts: list[str]) -> list[torch.Tensor]:
 @lazy_script
 def shape_signature(tensor: TensorMap) -> tuple[str, int]:
     """A key describing ``tensor`` without its sample count (sample names of block 0, the
-    value shape of every block without rows, dtype and device; no ``Labels`` values read)
+    value shape of every block without rows, and the device; no ``Labels`` values read)
     and the property count of block 0 (``-1`` without blocks)."""
     blocks = tensor.blocks()
     if len(blocks) == 0:
         return "", -1
     first = blocks[0].values
-    parts = [",".join(blocks[0].samples.names), str(first.dtype), str(first.device)]
+    parts = [",".join(blocks[0].samples.names), str(first.device)]
     for block in blocks:
         shape = block.values.shape
         parts.append(",".join([str(size) for size in shape[1:]]))
