@@ -14,7 +14,9 @@ or per-atom target gets a baseline, unless the target is excluded:
 
 NaN entries and entries masked out by ``extra_data["<target>_mask"]`` do not count (per
 property, so every property has its own normal equations). The baseline is removed
-before the scale statistics and added back at inference (:mod:`pl_mtt.scaling`).
+before the scale statistics and added back at inference (:mod:`pl_mtt.scaling`, which
+fuses the shift tables of :meth:`CompositionModel.baselines` with the division by atoms
+and the scales into one :func:`pl_mtt.block_ops.transform_map` call per TensorMap).
 
 One pass for baseline and scales
 --------------------------------

@@ -27,6 +27,10 @@ per-property scales 1.0. Gradients are not scaled separately: they follow their 
 
 The per-type sums are one ``index_add_`` over the rows of each block, so the cost of
 the pass does not depend on the number of atomic types.
+
+Applying scales (:meth:`Scaler.forward`) is one :func:`pl_mtt.block_ops.transform_map`
+call per TensorMap with the factor tables of :meth:`Scaler.factor_tables`, which
+:mod:`pl_mtt.scaling` also fuses with the baseline and the division by atoms.
 """
 
 from __future__ import annotations
@@ -490,21 +494,15 @@ class Scaler(OnePassState, torch.nn.Module):
             tables = self.factor_tables(
                 systems, name, tensor, use_per_target_scales, use_per_property_scales
             )
-            first_atom = self.first_atom(systems, name) if tables is not None else None
-            new = (
-                None
-                if tables is None
-                else transform_map(tensor, remove, None, tables, None, first_atom)
-            )
+            if tables is None:
+                result[name] = tensor
+                continue
+            target = name if name in self.targets else self._ensembles[name]
+            per_atom = self.targets[target].per_atom
+            first_atom = BatchAtoms.of(systems).first_atom if per_atom else None
+            new = transform_map(tensor, remove, None, tables, None, first_atom)
             result[name] = tensor if new is None else new
         return result
-
-    def first_atom(self, systems: list[System], name: str) -> torch.Tensor | None:
-        """First atom of each system for per-atom outputs (``None`` otherwise)."""
-        target = name if name in self.targets else self._ensembles.get(name)
-        if target is None or not self.targets[target].per_atom:
-            return None
-        return BatchAtoms.of(systems).first_atom
 
     def _entity_factors(
         self, systems: list[System], info: TargetInfo, index: int, table: torch.Tensor
