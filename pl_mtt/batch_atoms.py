@@ -50,12 +50,14 @@ class TypeTable:
         self.types: list[int] = types
         self.key: Hashable = (self.discover, tuple(types))  # equal tables share batch caches
         self.n_rows = len(types)
-        self.offset = min(types) if types else 0
+        # lookup[i] is the row of type offset + i; its first and last entries are
+        # "unknown" sentinels, so clamping an out-of-range type lands on one of them
+        self.offset = (min(types) - 1) if types else 0
         size = (max(types) - self.offset + 2) if types else 1
         lookup = torch.full((size,), self.n_rows, dtype=torch.long)
         for row, atomic_type in enumerate(types):
             lookup[atomic_type - self.offset] = row
-        self._lookup = lookup  # last entry: "unknown" for out-of-range types
+        self._lookup = lookup
         self._lookups: dict[torch.device, torch.Tensor] = {lookup.device: lookup}
 
     def rows(self, types: torch.Tensor, *, check: bool = False) -> torch.Tensor:
@@ -69,10 +71,7 @@ class TypeTable:
             lookup = self._lookup.to(types.device)
             self._lookups[types.device] = lookup
         shifted = (types.to(torch.long) - self.offset).clamp_(0, lookup.shape[0] - 1)
-        out_of_range = (types.to(torch.long) < self.offset) | (
-            types.to(torch.long) - self.offset >= lookup.shape[0] - 1
-        )
-        rows = torch.where(out_of_range, self.n_rows, lookup[shifted])
+        rows = lookup.index_select(0, shifted)
         if check and bool((rows == self.n_rows).any()):
             unknown = sorted(set(types[rows == self.n_rows].tolist()))
             if self.discover:
@@ -102,9 +101,11 @@ def _flatten(systems: list[System]) -> tuple[torch.Tensor, list[int]]:
 
 
 @lazy_script
-def _cells(systems: list[System]) -> torch.Tensor:
-    """``[n_systems, 3, 3]`` cells."""
-    return torch.stack([system.cell for system in systems])
+def _volumes(systems: list[System]) -> torch.Tensor:
+    """``[n_systems]`` cell volumes ``|a . (b x c)|`` (0 without a cell)."""
+    cells = torch.stack([system.cell for system in systems])
+    triple = cells[:, 0] * torch.linalg.cross(cells[:, 1], cells[:, 2], dim=-1)
+    return triple.sum(-1).abs()
 
 
 def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
@@ -239,7 +240,7 @@ class BatchAtoms:
         """``[n_systems]`` cell volumes (0 for systems without a cell)."""
         if self._volumes is None:
             if self.systems:
-                self._volumes = torch.linalg.det(_cells(self.systems)).abs()
+                self._volumes = _volumes(self.systems)
             else:
                 self._volumes = torch.zeros(0, dtype=torch.float64, device=self.device)
         return self._volumes
@@ -247,9 +248,11 @@ class BatchAtoms:
     def system_of_atom(self) -> torch.Tensor:
         """``[n_atoms_total]`` index of the system of each atom."""
         if self._system_of_atom is None:
-            starts = torch.zeros(self.total_atoms + 1, dtype=torch.long, device=self.device)
-            starts.index_add_(0, self.first_atom, torch.ones_like(self.first_atom))
-            self._system_of_atom = torch.cumsum(starts[: self.total_atoms], 0) - 1
+            systems = torch.arange(self.n_systems, device=self.device)
+            # output_size: no device-to-host read of the total on CUDA
+            self._system_of_atom = torch.repeat_interleave(
+                systems, self.n_atoms, output_size=self.total_atoms
+            )
         return self._system_of_atom
 
     @staticmethod
