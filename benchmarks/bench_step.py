@@ -5,7 +5,8 @@
     python benchmarks/bench_step.py [--quick] [--device cuda]
 
 Both sides run the same ``RadialMLP`` forward (energy, forces and stress by autograd)
-and backward on the same batch of embedded EMT structures:
+and backward on the same sequence of batches of embedded EMT structures (each step
+takes the next of 6 batches, so nothing derived from a batch is reused across steps):
 
 - bare: a hand-written MSE on the raw block values (energy per atom, forces, strain
   gradient per atom), no scaling, no NaN handling, no metrics;
@@ -19,6 +20,7 @@ The "speedup" column is bare time / pl_mtt time: the overhead of pl_mtt is
 
 from __future__ import annotations
 
+import itertools
 import sys
 import tempfile
 from pathlib import Path
@@ -64,7 +66,6 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
         data = AtomisticDataModule("emt", n_structures=48, batch_size=8)
         data.setup()
         batches = [batch_to(b, device) for b in data.train_dataloader()]
-    systems, targets, extra_data = batches[0]
     options = data.target_options
     scaler = Scaler(data.atomic_types, data.layouts()).to(device)
     composition = CompositionModel(data.atomic_types, data.layouts()).to(device)
@@ -76,12 +77,20 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
     metrics = PhysicalMetrics(specs, "train").to(device)
     model = RadialMLP(n_radial=8 if quick else 16, hidden=(16,) if quick else (64, 64))
     model = model.to(device).train()
-    n_atoms = torch.tensor([[len(s)] for s in systems], dtype=torch.float64, device=device)
+    # each step takes the next batch (as training does: nothing cached across steps);
+    # both sides see the same sequence
+    n_atoms = [
+        torch.tensor([[len(s)] for s in b[0]], dtype=torch.float64, device=device) for b in batches
+    ]
+    bare_batches = itertools.cycle(list(zip(batches, n_atoms, strict=True)))
+    our_batches = itertools.cycle(batches)
 
     def bare() -> None:
-        _bare_loss(model(systems), targets, n_atoms).backward()
+        (systems, targets, _), atoms = next(bare_batches)
+        _bare_loss(model(systems), targets, atoms).backward()
 
     def ours() -> None:
+        systems, targets, extra_data = next(our_batches)
         predictions, loss_targets = scaling.prepare_for_loss(
             holder, systems, model(systems), targets
         )

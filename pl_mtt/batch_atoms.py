@@ -1,20 +1,25 @@
-"""Per-batch atom bookkeeping shared by the scaler, the composition baseline and the pipeline.
+"""Per-batch atom bookkeeping shared by the scaler, the composition baseline, the pipeline
+and the metrics.
 
 :class:`TypeTable` maps atomic types to fixed rows: the rows of the given
 ``atomic_types`` in that order, or atomic numbers 0..118 when types are discovered from
 the data (so that state has the same shape on every rank). :class:`BatchAtoms` flattens
-the systems of one batch once (types, atoms per system, first atom of each system) and
-maps the rows of a TensorMap block to atom types and atom counts with gathers, never a
-loop over atoms or types.
+the systems of one batch once (types, atoms per system, first atom of each system, cell
+volumes) and caches what is derived from them (type rows and per-system type counts per
+:class:`TypeTable`, atom counts per dtype), so that every stage of a training step reads
+the same facts instead of re-deriving them; rows of a TensorMap block are mapped to atom
+types and atom counts with gathers, never a loop over atoms or types.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 import torch
 from metatensor.torch import Labels
 from metatomic.torch import System
+
+from pl_mtt.block_ops import lazy_script
 
 __all__ = ["MAX_ATOMIC_NUMBER", "BatchAtoms", "TypeTable"]
 
@@ -43,13 +48,16 @@ class TypeTable:
             if len(set(types)) != len(types):
                 raise ValueError(f"atomic_types: duplicate entries in {types}")
         self.types: list[int] = types
+        self.key: Hashable = (self.discover, tuple(types))  # equal tables share batch caches
         self.n_rows = len(types)
-        self.offset = min(types) if types else 0
+        # lookup[i] is the row of type offset + i; its first and last entries are
+        # "unknown" sentinels, so clamping an out-of-range type lands on one of them
+        self.offset = (min(types) - 1) if types else 0
         size = (max(types) - self.offset + 2) if types else 1
         lookup = torch.full((size,), self.n_rows, dtype=torch.long)
         for row, atomic_type in enumerate(types):
             lookup[atomic_type - self.offset] = row
-        self._lookup = lookup  # last entry: "unknown" for out-of-range types
+        self._lookup = lookup
         self._lookups: dict[torch.device, torch.Tensor] = {lookup.device: lookup}
 
     def rows(self, types: torch.Tensor, *, check: bool = False) -> torch.Tensor:
@@ -63,10 +71,7 @@ class TypeTable:
             lookup = self._lookup.to(types.device)
             self._lookups[types.device] = lookup
         shifted = (types.to(torch.long) - self.offset).clamp_(0, lookup.shape[0] - 1)
-        out_of_range = (types.to(torch.long) < self.offset) | (
-            types.to(torch.long) - self.offset >= lookup.shape[0] - 1
-        )
-        rows = torch.where(out_of_range, self.n_rows, lookup[shifted])
+        rows = lookup.index_select(0, shifted)
         if check and bool((rows == self.n_rows).any()):
             unknown = sorted(set(types[rows == self.n_rows].tolist()))
             if self.discover:
@@ -87,86 +92,168 @@ class TypeTable:
             return self.n_rows
 
 
+@lazy_script
+def _flatten(systems: list[System]) -> tuple[torch.Tensor, list[int]]:
+    """Atom types of all systems, concatenated, and the number of atoms of each system
+    (one TorchScript call instead of one attribute read per system)."""
+    types = [system.types for system in systems]
+    return torch.cat(types), [t.shape[0] for t in types]
+
+
+@lazy_script
+def _volumes(systems: list[System]) -> torch.Tensor:
+    """``[n_systems]`` cell volumes ``|a . (b x c)|`` (0 without a cell)."""
+    cells = torch.stack([system.cell for system in systems])
+    triple = cells[:, 0] * torch.linalg.cross(cells[:, 1], cells[:, 2], dim=-1)
+    return triple.sum(-1).abs()
+
+
+def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """An int64 tensor of host values on ``device`` without waiting for the device (pinned
+    staging memory and an asynchronous copy on CUDA)."""
+    tensor = torch.tensor(values, dtype=torch.long)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 class BatchAtoms:
     """The atoms of one batch of systems, flattened once.
 
     Attributes:
-        type_rows: ``[n_atoms_total]`` row of each atom's type in the :class:`TypeTable`.
+        types: ``[n_atoms_total]`` atomic type of each atom (systems concatenated).
         n_atoms: ``[n_systems]`` number of atoms per system (int64).
         first_atom: ``[n_systems]`` index of each system's first atom in the flat list.
+
+    Everything derived from these (type rows of a :class:`TypeTable`, type counts, atom
+    counts in a dtype, cell volumes) is computed on first use and cached.
     """
 
-    def __init__(
-        self, systems: Sequence[System], table: TypeTable, *, check_types: bool = False
-    ) -> None:
-        self.table = table
+    def __init__(self, systems: Sequence[System]) -> None:
         self.systems = list(systems)
-        types = [system.types for system in self.systems]
-        sizes = [t.shape[0] for t in types]
-        self.n_systems = len(sizes)
-        self.types = torch.cat(types) if types else torch.zeros(0, dtype=torch.int32)
+        self.n_systems = len(self.systems)
+        if self.systems:
+            self.types, sizes = _flatten(self.systems)
+        else:
+            self.types, sizes = torch.zeros(0, dtype=torch.int32), []
         device = self.types.device
         self.device = device
         self.total_atoms = int(sum(sizes))
-        self.n_atoms = torch.tensor(sizes, dtype=torch.long, device=device)
+        self.n_atoms = _to_device(sizes, device)
         self.first_atom = torch.cumsum(self.n_atoms, 0) - self.n_atoms
-        self.type_rows = table.rows(self.types, check=check_types)
-        self.checked = check_types
-        self._counts: torch.Tensor | None = None
+        self._type_rows: dict[Hashable, torch.Tensor] = {}
+        self._checked: set[Hashable] = set()
+        self._counts: dict[Hashable, torch.Tensor] = {}
+        self._n_atoms_as: dict[torch.dtype, torch.Tensor] = {}
         self._system_of_atom: torch.Tensor | None = None
+        self._volumes: torch.Tensor | None = None
+        self._cache: dict[Hashable, torch.Tensor] = {}
 
-    _last: BatchAtoms | None = None  # the batch seen last (shared by scaler and baseline)
+    _last: BatchAtoms | None = None  # the batch seen last (shared by every stage of a step)
 
     @classmethod
-    def of(
-        cls, systems: Sequence[System], table: TypeTable, *, check_types: bool = False
-    ) -> BatchAtoms:
+    def of(cls, systems: Sequence[System]) -> BatchAtoms:
         """:class:`BatchAtoms` of ``systems``, reused when the same systems (the same
-        objects, in the same order, with the same atomic types) were seen last, so that
-        the scaler, the baseline and the pipeline flatten a batch once."""
+        objects, in the same order) were seen last, so that the scaler, the baseline, the
+        pipeline and the metrics flatten a batch once."""
         last = cls._last
         if (
             last is not None
-            and (last.table is table or last.table.types == table.types)
             and len(last.systems) == len(systems)
             and all(a is b for a, b in zip(last.systems, systems, strict=True))
         ):
-            if check_types and not last.checked:
-                table.rows(last.types, check=True)
-                last.checked = True
             return last
-        atoms = cls(systems, table, check_types=check_types)
+        atoms = cls(systems)
         BatchAtoms._last = atoms
         return atoms
 
-    def system_of_atom(self) -> torch.Tensor:
-        """``[n_atoms_total]`` index of the system of each atom."""
-        if self._system_of_atom is None:
-            starts = torch.zeros(self.total_atoms + 1, dtype=torch.long, device=self.device)
-            starts.index_add_(0, self.first_atom, torch.ones_like(self.first_atom))
-            self._system_of_atom = torch.cumsum(starts[: self.total_atoms], 0) - 1
-        return self._system_of_atom
+    def cached(self, key: Hashable, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``compute()``, computed once per batch and ``key`` (e.g. a per-structure factor
+        that several stages use)."""
+        value = self._cache.get(key)
+        if value is None:
+            value = compute()
+            self._cache[key] = value
+        return value
 
-    def counts(self) -> torch.Tensor:
+    # -- per type table --------------------------------------------------------------
+    def type_rows(self, table: TypeTable, *, check: bool = False) -> torch.Tensor:
+        """``[n_atoms_total]`` row of each atom's type in ``table`` (``n_rows``: unknown).
+
+        With ``check=True`` unknown types raise a ``ValueError`` (reads values on the
+        host: for the fitting pass, not for a training step).
+        """
+        rows = self._type_rows.get(table.key)
+        if rows is None:
+            rows = table.rows(self.types, check=check)
+            self._type_rows[table.key] = rows
+            if check:
+                self._checked.add(table.key)
+        elif check and table.key not in self._checked:
+            table.rows(self.types, check=True)
+            self._checked.add(table.key)
+        return rows
+
+    def counts(self, table: TypeTable) -> torch.Tensor:
         """``[n_systems, n_rows]`` float64 number of atoms of each type per system.
 
         Atoms of unknown types are not counted.
         """
-        if self._counts is None:
-            n_rows = self.table.n_rows
+        counts = self._counts.get(table.key)
+        if counts is None:
+            n_rows = table.n_rows
             flat = torch.zeros(
                 self.n_systems * (n_rows + 1), dtype=torch.float64, device=self.device
             )
-            index = self.system_of_atom() * (n_rows + 1) + self.type_rows
+            index = self.system_of_atom() * (n_rows + 1) + self.type_rows(table)
             flat.index_add_(0, index, torch.ones_like(index, dtype=torch.float64))
-            self._counts = flat.view(self.n_systems, n_rows + 1)[:, :n_rows]
-        return self._counts
+            counts = flat.view(self.n_systems, n_rows + 1)[:, :n_rows]
+            self._counts[table.key] = counts
+        return counts
 
-    def type_totals(self) -> torch.Tensor:
+    def type_totals(self, table: TypeTable) -> torch.Tensor:
         """``[n_rows]`` float64 number of atoms of each type in the batch."""
-        totals = torch.zeros(self.table.n_rows + 1, dtype=torch.float64, device=self.device)
-        totals.index_add_(0, self.type_rows, torch.ones_like(self.type_rows, dtype=torch.float64))
-        return totals[: self.table.n_rows]
+        rows = self.type_rows(table)
+        totals = torch.zeros(table.n_rows + 1, dtype=torch.float64, device=self.device)
+        totals.index_add_(0, rows, torch.ones_like(rows, dtype=torch.float64))
+        return totals[: table.n_rows]
+
+    def types_of(self, samples: Labels, table: TypeTable) -> torch.Tensor:
+        """``[n_rows]`` type row of each per-atom sample row."""
+        return self.type_rows(table)[self.atoms_of(samples)]
+
+    # -- per system ------------------------------------------------------------------
+    def n_atoms_as(self, dtype: torch.dtype) -> torch.Tensor:
+        """``[n_systems]`` number of atoms per system in ``dtype``."""
+        n_atoms = self._n_atoms_as.get(dtype)
+        if n_atoms is None:
+            n_atoms = self.n_atoms.to(dtype)
+            self._n_atoms_as[dtype] = n_atoms
+        return n_atoms
+
+    def atom_counts(self) -> torch.Tensor:
+        """``[n_systems, 1]`` float64 number of atoms per system (the ``atom_counts`` of
+        :func:`pl_mtt.block_ops.transform_map`)."""
+        return self.cached("atom counts", lambda: self.n_atoms_as(torch.float64)[:, None])
+
+    def volumes(self) -> torch.Tensor:
+        """``[n_systems]`` cell volumes (0 for systems without a cell)."""
+        if self._volumes is None:
+            if self.systems:
+                self._volumes = _volumes(self.systems)
+            else:
+                self._volumes = torch.zeros(0, dtype=torch.float64, device=self.device)
+        return self._volumes
+
+    def system_of_atom(self) -> torch.Tensor:
+        """``[n_atoms_total]`` index of the system of each atom."""
+        if self._system_of_atom is None:
+            systems = torch.arange(self.n_systems, device=self.device)
+            # output_size: no device-to-host read of the total on CUDA
+            self._system_of_atom = torch.repeat_interleave(
+                systems, self.n_atoms, output_size=self.total_atoms
+            )
+        return self._system_of_atom
 
     @staticmethod
     def systems_of(samples: Labels) -> torch.Tensor:
@@ -177,7 +264,3 @@ class BatchAtoms:
         """``[n_rows]`` flat atom index of each per-atom sample row (``system``, ``atom``)."""
         values = samples.values
         return self.first_atom[values[:, 0].to(torch.long)] + values[:, 1].to(torch.long)
-
-    def types_of(self, samples: Labels) -> torch.Tensor:
-        """``[n_rows]`` type row of each per-atom sample row."""
-        return self.type_rows[self.atoms_of(samples)]

@@ -14,7 +14,9 @@ or per-atom target gets a baseline, unless the target is excluded:
 
 NaN entries and entries masked out by ``extra_data["<target>_mask"]`` do not count (per
 property, so every property has its own normal equations). The baseline is removed
-before the scale statistics and added back at inference (:mod:`pl_mtt.scaling`).
+before the scale statistics and added back at inference (:mod:`pl_mtt.scaling`, which
+fuses the shift tables of :meth:`CompositionModel.baselines` with the division by atoms
+and the scales into one :func:`pl_mtt.block_ops.transform_map` call per TensorMap).
 
 One pass for baseline and scales
 --------------------------------
@@ -57,7 +59,7 @@ from metatomic.torch import System
 from torch.nn.functional import pad
 
 from pl_mtt.batch_atoms import BatchAtoms, TypeTable
-from pl_mtt.block_ops import grouped_sums, rebuild_block
+from pl_mtt.block_ops import grouped_sums, rebuild_block, transform_map
 from pl_mtt.one_pass import OnePassState, check_mask, known_names
 from pl_mtt.target_info import (
     TargetInfo,
@@ -348,9 +350,10 @@ class CompositionModel(OnePassState, torch.nn.Module):
         """
         extra_data = extra_data or {}
         self._validate(targets, extra_data)
-        atoms = BatchAtoms.of(systems, self.type_table, check_types=True)
+        atoms = BatchAtoms.of(systems)
+        atoms.type_rows(self.type_table, check=True)
         self._move(atoms.device)
-        self._type_count += atoms.type_totals()
+        self._type_count += atoms.type_totals(self.type_table)
         shifted: dict[str, TensorMap] = {}
         for name, tensor in targets.items():
             info = self.targets[name]
@@ -379,7 +382,7 @@ class CompositionModel(OnePassState, torch.nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per sample row: features ``x``, fractions ``f`` and the residual weight ``s``."""
         systems = BatchAtoms.systems_of(samples)
-        counts = atoms.counts()[systems]
+        counts = atoms.counts(self.type_table)[systems]
         n_atoms = atoms.n_atoms[systems].to(torch.float64).clamp(min=1)[:, None]
         fractions = counts / n_atoms
         if self._divided(name):
@@ -424,7 +427,7 @@ class CompositionModel(OnePassState, torch.nn.Module):
     ) -> torch.Tensor:
         block_type = info.blocks[b].atom_type
         if block_type is None:
-            return atoms.types_of(samples)
+            return atoms.types_of(samples, self.type_table)
         row = self.type_table.row_of(block_type)
         if row >= self.type_table.n_rows:
             raise ValueError(
@@ -546,6 +549,49 @@ class CompositionModel(OnePassState, torch.nn.Module):
         return result
 
     # -- applying ------------------------------------------------------------------
+    def baselines(
+        self, systems: list[System], name: str, tensor: TensorMap
+    ) -> list[torch.Tensor | None] | None:
+        """The baseline of output ``name`` as shift tables for
+        :func:`pl_mtt.block_ops.transform_map`: per block ``None`` (no baseline) or one row
+        per system (``x_A . w``, total units) or per atom of the batch (``w`` of its type,
+        0 for unknown types); ``None`` when the output has no baseline. Checks the
+        layout."""
+        target = name if name in self.targets else self._ensembles.get(name)
+        if target is None or not self.blocks[target]:
+            return None
+        info = self.targets[target]
+        members = info.check(tensor, "output", ensemble=target != name)
+        atoms = BatchAtoms.of(systems)
+        state = self.target_weights[self._index[target]]
+        result: list[torch.Tensor | None] = []
+        for b, block_info in enumerate(info.blocks):
+            if b not in self._sums[target]:
+                result.append(None)
+                continue
+            weights = state.weights(b)
+            if info.per_structure:
+                counts = atoms.counts(self.type_table)
+                if not self._divided(target):  # type fractions
+                    counts = atoms.cached(
+                        ("type fractions", self.type_table.key),
+                        lambda counts=counts: (
+                            counts / atoms.n_atoms_as(torch.float64).clamp(min=1)[:, None]
+                        ),
+                    )
+                baseline = counts.to(weights.device) @ weights
+            else:
+                padded = pad(weights, (0, 0, 0, 1))  # unknown types: 0
+                if block_info.atom_type is None:
+                    baseline = padded.index_select(0, atoms.type_rows(self.type_table))
+                else:
+                    row = self.type_table.row_of(block_info.atom_type)
+                    baseline = padded[row : row + 1]
+            if members > 1:
+                baseline = baseline.repeat(1, members)
+            result.append(baseline)
+        return result
+
     def forward(
         self,
         systems: list[System],
@@ -561,41 +607,14 @@ class CompositionModel(OnePassState, torch.nn.Module):
         strain); outputs of unknown names pass through. Returns a new dict.
         """
         result: dict[str, TensorMap] = {}
-        atoms: BatchAtoms | None = None
         for name, tensor in outputs.items():
-            target = name if name in self.targets else self._ensembles.get(name)
-            if target is None or not self.blocks[target]:
+            shifts = self.baselines(systems, name, tensor)
+            if shifts is None:
                 result[name] = tensor
                 continue
-            info = self.targets[target]
-            members = info.check(tensor, "output", ensemble=target != name)
-            if atoms is None:
-                atoms = BatchAtoms.of(systems, self.type_table)
-            state = self.target_weights[self._index[target]]
-            blocks = []
-            for b, block in enumerate(tensor.blocks()):
-                if b not in self._sums[target]:
-                    blocks.append(rebuild_block(block, block.values))
-                    continue
-                weights = state.weights(b).to(device=block.values.device, dtype=block.values.dtype)
-                if info.per_structure:
-                    x, _, _ = self._features(target, block.samples, atoms)
-                    baseline = x.to(weights.dtype) @ weights
-                else:
-                    padded = pad(weights, (0, 0, 0, 1))  # unknown types: 0
-                    block_type = info.blocks[b].atom_type
-                    if block_type is None:
-                        rows = atoms.types_of(block.samples)
-                    else:
-                        row = self.type_table.row_of(block_type)
-                        rows = torch.full(
-                            (len(block.samples),), row, dtype=torch.long, device=atoms.device
-                        )
-                    baseline = padded[rows]
-                if members > 1:
-                    baseline = baseline.repeat(1, members)
-                blocks.append(_add_to_block(block, baseline, remove=remove))
-            result[name] = TensorMap(tensor.keys, blocks)
+            first_atom = BatchAtoms.of(systems).first_atom
+            new = transform_map(tensor, remove, shifts, None, None, first_atom)
+            result[name] = tensor if new is None else new
         return result
 
 
@@ -626,10 +645,3 @@ def _valid(y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 def _mask_values(extra_data: Mapping[str, TensorMap], name: str, b: int) -> torch.Tensor | None:
     mask = extra_data.get(name + "_mask")
     return None if mask is None else mask.block_by_id(b).values
-
-
-def _add_to_block(block: TensorBlock, baseline: torch.Tensor, *, remove: bool) -> TensorBlock:
-    """A new block with ``baseline`` (``[rows, P]``) added or subtracted; gradients shared."""
-    values = block.values
-    shaped = baseline.to(values.dtype).reshape(values.shape[0], *([1] * (values.dim() - 2)), -1)
-    return rebuild_block(block, values - shaped if remove else values + shaped)

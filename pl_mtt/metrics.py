@@ -1,8 +1,9 @@
 """MAE and RMSE per target and gradient in physical units (DESIGN decision 10).
 
-Built on torchmetrics' ``MeanAbsoluteError`` / ``MeanSquaredError`` (their states and
-their DDP reduction), with NaN target entries (e.g. stress of non-periodic systems)
-left out by arithmetic masking and a count.
+Built on torchmetrics' ``MeanAbsoluteError`` / ``MeanSquaredError`` (their states, their
+formulas and their DDP reduction), one metric of each kind with one output per measured
+quantity, so that a training step makes one update of each. NaN target entries (e.g.
+stress of non-periodic systems) are left out by arithmetic masking and a count.
 
 Metric names say what is measured and in which units: ``energy_per_atom`` (eV/atom),
 ``forces`` (eV/Å), ``virial_per_atom`` (eV/atom), ``stress`` (eV/Å^3, from the strain
@@ -19,36 +20,37 @@ import torch
 from metatensor.torch import TensorMap
 from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError
 
+from pl_mtt.batch_atoms import BatchAtoms
+from pl_mtt.block_ops import flat_values
 from pl_mtt.config import gradient_alias, is_energy_like
-from pl_mtt.tensormaps import value_blocks
 
 __all__ = ["MetricSpec", "PhysicalMetrics", "metric_specs"]
 
 
-def _residuals(preds: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    valid = ~torch.isnan(target)
-    return torch.where(valid, preds - target, 0.0), valid.sum()
+class SummedMeanAbsoluteError(MeanAbsoluteError):
+    """torchmetrics MAE with one output per quantity, updated with per-output sums of
+    absolute residuals and per-output entry counts (entries left out are not counted)."""
+
+    def __init__(self, num_outputs: int) -> None:
+        super().__init__(num_outputs=num_outputs)
+        self.add_state("total", default=torch.zeros(num_outputs), dist_reduce_fx="sum")
+
+    def update(self, sum_abs_error: torch.Tensor, total: torch.Tensor) -> None:
+        self.sum_abs_error.add_(sum_abs_error)
+        self.total.add_(total)
 
 
-class NaNIgnoringMeanAbsoluteError(MeanAbsoluteError):
-    """torchmetrics MAE that leaves NaN target entries out (no boolean indexing)."""
+class SummedRootMeanSquaredError(MeanSquaredError):
+    """torchmetrics RMSE (``squared=False``) with one output per quantity, updated with
+    per-output sums of squared residuals and entry counts."""
 
-    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
-        residual, count = _residuals(preds, target)
-        self.sum_abs_error += residual.abs().sum()
-        self.total += count
+    def __init__(self, num_outputs: int) -> None:
+        super().__init__(squared=False, num_outputs=num_outputs)
+        self.add_state("total", default=torch.zeros(num_outputs), dist_reduce_fx="sum")
 
-
-class NaNIgnoringRootMeanSquaredError(MeanSquaredError):
-    """torchmetrics RMSE (``squared=False``) that leaves NaN target entries out."""
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(squared=False, **kwargs)
-
-    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
-        residual, count = _residuals(preds, target)
-        self.sum_squared_error += residual.square().sum()
-        self.total += count
+    def update(self, sum_squared_error: torch.Tensor, total: torch.Tensor) -> None:
+        self.sum_squared_error.add_(sum_squared_error)
+        self.total.add_(total)
 
 
 @dataclass(frozen=True)
@@ -101,32 +103,26 @@ def metric_specs(
     return specs
 
 
-def _flat(tensor_map: TensorMap, gradient: str | None) -> torch.Tensor:
-    return torch.cat([block.values.reshape(-1) for block in value_blocks(tensor_map, gradient)])
-
-
-def _stress_factor(systems: Sequence, divided: bool) -> torch.Tensor:
+def _stress_factor(atoms: BatchAtoms, divided: bool) -> torch.Tensor:
     """Factor per strain-gradient entry (9 per structure) turning it into stress.
 
     stress = (dE/d strain) / V; NaN for structures without a cell (V = 0).
     """
-    cells = torch.stack([system.cell for system in systems])
-    volumes = torch.linalg.det(cells).abs()
+    volumes = atoms.volumes()
     factor = 1.0 / volumes
     if divided:
-        n_atoms = torch.tensor([len(system) for system in systems], device=volumes.device)
-        factor = factor * n_atoms.to(volumes.dtype)
+        factor = factor * atoms.n_atoms.to(volumes.device, volumes.dtype)
     factor = torch.where(volumes > 0, factor, torch.nan)
     return factor.repeat_interleave(9)
 
 
 class PhysicalMetrics(torch.nn.Module):
-    """MAE and RMSE of each :class:`MetricSpec`, logged as ``<stage>/<name>/MAE``.
+    """MAE and RMSE of each :class:`MetricSpec`, named ``<stage>/<name>/MAE`` (``RMSE``).
 
     ``update(predictions, targets, systems)`` takes both in physical units (per atom
-    where divided, as :mod:`pl_mtt.scaling` returns them for metrics). Pass
-    :attr:`metrics` to ``LightningModule.log_dict`` to have Lightning compute, sync
-    across ranks and reset them every epoch.
+    where divided, as :mod:`pl_mtt.scaling` returns them for metrics); :meth:`compute`
+    returns the epoch values, reduced across DDP ranks (torchmetrics), for
+    ``LightningModule.log_dict``; :meth:`reset` starts a new epoch.
     """
 
     def __init__(self, specs: Sequence[MetricSpec], stage: str) -> None:
@@ -134,15 +130,21 @@ class PhysicalMetrics(torch.nn.Module):
         self.specs = list(specs)
         self.stage = stage
         self.per_atom_strain = {s.target for s in specs if s.name.startswith("virial_per_atom")}
-        self.metrics = torch.nn.ModuleDict()
+        # per target: the parts read from its TensorMaps ("" = values, else a gradient)
+        # and, per spec, the index of its part
+        self.parts: dict[str, list[str]] = {}
+        self.part_index: list[int] = []
         for spec in self.specs:
-            self.metrics[self.key(spec, "MAE")] = NaNIgnoringMeanAbsoluteError()
-            self.metrics[self.key(spec, "RMSE")] = NaNIgnoringRootMeanSquaredError()
-        for metric in self.metrics.values():
-            metric.set_dtype(torch.float64)  # sums over an epoch: keep them exact
+            parts = self.parts.setdefault(spec.target, [])
+            part = spec.gradient or ""
+            if part not in parts:
+                parts.append(part)
+            self.part_index.append(parts.index(part))
+        n_outputs = max(len(self.specs), 1)
+        self.mae = SummedMeanAbsoluteError(n_outputs).set_dtype(torch.float64)
+        self.rmse = SummedRootMeanSquaredError(n_outputs).set_dtype(torch.float64)
 
     def key(self, spec: MetricSpec, kind: str) -> str:
-        # ModuleDict keys cannot contain "."; "/" is fine and reads well in loggers
         return f"{self.stage}/{spec.name}/{kind}".replace(".", "_")
 
     def update(
@@ -151,28 +153,62 @@ class PhysicalMetrics(torch.nn.Module):
         targets: Mapping[str, TensorMap],
         systems: Sequence,
     ) -> None:
-        for spec in self.specs:
-            if spec.target not in targets:
+        """Add one batch: one flattening per TensorMap, one update per metric kind."""
+        flat: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        for name, parts in self.parts.items():
+            if name in targets:
+                flat[name] = (
+                    flat_values(predictions[name], parts),
+                    flat_values(targets[name], parts),
+                )
+        if not flat:
+            return
+        atoms = BatchAtoms.of(systems) if any(s.stress_from_strain for s in self.specs) else None
+        preds, target, sizes = [], [], []
+        for spec, part in zip(self.specs, self.part_index, strict=True):
+            if spec.target not in flat:
+                sizes.append(0)
                 continue
-            preds = _flat(predictions[spec.target], spec.gradient)
-            target = _flat(targets[spec.target], spec.gradient)
+            p, t = flat[spec.target][0][part], flat[spec.target][1][part]
             if spec.stress_from_strain:
-                factor = _stress_factor(systems, spec.target in self.per_atom_strain)
-                if factor.numel() != target.numel():
+                factor = atoms.cached(
+                    ("stress factor", spec.target in self.per_atom_strain),
+                    lambda divided=spec.target in self.per_atom_strain: _stress_factor(
+                        atoms, divided
+                    ),
+                )
+                if factor.numel() != t.numel():
                     raise ValueError(
                         f"stress metric of '{spec.target}': expected one 3x3 strain gradient "
-                        f"per structure ({factor.numel()} entries), got {target.numel()}"
+                        f"per structure ({factor.numel()} entries), got {t.numel()}"
                     )
-                preds, target = preds * factor, target * factor
-            self.metrics[self.key(spec, "MAE")].update(preds.detach(), target)
-            self.metrics[self.key(spec, "RMSE")].update(preds.detach(), target)
+                factor = factor.to(t.dtype)
+                p, t = p * factor, t * factor
+            preds.append(p)
+            target.append(t)
+            sizes.append(t.numel())
+        preds, target = torch.cat(preds).detach(), torch.cat(target)
+        valid = target == target  # not NaN
+        residual = torch.where(valid, preds - target, 0.0).to(torch.float64)
+        terms = torch.stack([residual.abs(), residual.square(), valid.to(torch.float64)])
+        sums = torch.stack([chunk.sum(1) for chunk in terms.split(sizes, 1)], 1)
+        sum_abs, sum_squares, counts = sums.unbind(0)
+        self.mae.update(sum_abs, counts)
+        self.rmse.update(sum_squares, counts)
 
     def compute(self) -> dict[str, torch.Tensor]:
-        return {name: metric.compute() for name, metric in self.metrics.items()}
+        """``{key: value}`` for every spec and kind (reduced across ranks)."""
+        # torchmetrics squeezes a one-element result
+        mae, rmse = self.mae.compute().reshape(-1), self.rmse.compute().reshape(-1)
+        result = {}
+        for index, spec in enumerate(self.specs):
+            result[self.key(spec, "MAE")] = mae[index]
+            result[self.key(spec, "RMSE")] = rmse[index]
+        return result
 
     def reset(self) -> None:
-        for metric in self.metrics.values():
-            metric.reset()
+        self.mae.reset()
+        self.rmse.reset()
 
     def units(self) -> dict[str, str]:
         """Metric key -> unit, for tables and plot labels."""

@@ -27,6 +27,10 @@ per-property scales 1.0. Gradients are not scaled separately: they follow their 
 
 The per-type sums are one ``index_add_`` over the rows of each block, so the cost of
 the pass does not depend on the number of atomic types.
+
+Applying scales (:meth:`Scaler.forward`) is one :func:`pl_mtt.block_ops.transform_map`
+call per TensorMap with the factor tables of :meth:`Scaler.factor_tables`, which
+:mod:`pl_mtt.scaling` also fuses with the baseline and the division by atoms.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from metatomic.torch import System
 from torch.nn.functional import pad
 
 from pl_mtt.batch_atoms import BatchAtoms, TypeTable
-from pl_mtt.block_ops import grouped_sums, rebuild_block
+from pl_mtt.block_ops import grouped_sums, transform_map
 from pl_mtt.one_pass import OnePassState, check_mask, known_names
 from pl_mtt.target_info import (
     TargetInfo,
@@ -238,9 +242,10 @@ class Scaler(OnePassState, torch.nn.Module):
                 ``atomic_types``.
         """
         extra_data = extra_data or {}
-        atoms = BatchAtoms.of(systems, self.type_table, check_types=True)
+        atoms = BatchAtoms.of(systems)
+        atoms.type_rows(self.type_table, check=True)
         self._move_sums(atoms.device)
-        self._type_count += atoms.type_totals()
+        self._type_count += atoms.type_totals(self.type_table)
         for name, tensor in targets.items():
             info = self.targets.get(name)
             if info is None:
@@ -280,7 +285,7 @@ class Scaler(OnePassState, torch.nn.Module):
             self._sum_sq[name][index][row] += squares[0]
             self._count[name][index][row] += counts[0]
             return
-        rows = atoms.types_of(block.samples)
+        rows = atoms.types_of(block.samples, self.type_table)
         squares, counts = grouped_sums(block.values.detach(), rows, n_rows, mask, square=True)
         self._sum_sq[name][index] += squares
         self._count[name][index] += counts
@@ -438,6 +443,34 @@ class Scaler(OnePassState, torch.nn.Module):
                 tables.append(per_property)
         return tables
 
+    def factor_tables(
+        self,
+        systems: list[System],
+        name: str,
+        tensor: TensorMap,
+        use_per_target_scales: bool = True,
+        use_per_property_scales: bool = True,
+    ) -> list[torch.Tensor | None] | None:
+        """The scale factors of output ``name`` as tables for
+        :func:`pl_mtt.block_ops.transform_map`: per block ``[1, P]`` or, for per-atom
+        outputs, one row per atom of the batch; ``None`` when every factor is 1 or the
+        name is not a target (or ensemble output) of this scaler. Checks the layout."""
+        target = name if name in self.targets else self._ensembles.get(name)
+        if target is None:
+            return None
+        info = self.targets[target]
+        pooled = target in self.no_per_property_scales
+        members = info.check(tensor, "output", ensemble=target != name, any_properties=pooled)
+        tables = self._tables(target, use_per_target_scales, use_per_property_scales)
+        if tables is None:
+            return None
+        result: list[torch.Tensor | None] = []
+        for index, table in enumerate(tables):
+            if members > 1 and not pooled:
+                table = table.repeat(1, members)
+            result.append(self._entity_factors(systems, info, index, table))
+        return result
+
     def forward(
         self,
         systems: list[System],
@@ -457,40 +490,24 @@ class Scaler(OnePassState, torch.nn.Module):
         are never modified.
         """
         result: dict[str, TensorMap] = {}
-        atoms: BatchAtoms | None = None
         for name, tensor in outputs.items():
-            target = name if name in self.targets else self._ensembles.get(name)
-            if target is None:
-                result[name] = tensor
-                continue
-            info = self.targets[target]
-            pooled = target in self.no_per_property_scales
-            members = info.check(tensor, "output", ensemble=target != name, any_properties=pooled)
-            tables = self._tables(target, use_per_target_scales, use_per_property_scales)
+            tables = self.factor_tables(
+                systems, name, tensor, use_per_target_scales, use_per_property_scales
+            )
             if tables is None:
                 result[name] = tensor
                 continue
-            if info.per_atom and atoms is None:
-                atoms = BatchAtoms.of(systems, self.type_table)
-            blocks = []
-            for index, block in enumerate(tensor.blocks()):
-                table = tables[index].to(device=block.values.device, dtype=block.values.dtype)
-                if members > 1 and not pooled:
-                    table = table.repeat(1, members)
-                factors = self._row_factors(info, index, block.samples, table, atoms)
-                blocks.append(_scale_block(block, factors, remove))
-            result[name] = TensorMap(tensor.keys, blocks)
+            target = name if name in self.targets else self._ensembles[name]
+            per_atom = self.targets[target].per_atom
+            first_atom = BatchAtoms.of(systems).first_atom if per_atom else None
+            new = transform_map(tensor, remove, None, tables, None, first_atom)
+            result[name] = tensor if new is None else new
         return result
 
-    def _row_factors(
-        self,
-        info: TargetInfo,
-        index: int,
-        samples: Labels,
-        table: torch.Tensor,
-        atoms: BatchAtoms | None,
+    def _entity_factors(
+        self, systems: list[System], info: TargetInfo, index: int, table: torch.Tensor
     ) -> torch.Tensor:
-        """``[n_rows or 1, P]`` factor of each sample row of a block."""
+        """``[1, P]`` factors of a block, or ``[n_atoms, P]`` per atom of the batch."""
         if info.per_structure:
             return table
         block_type = info.blocks[index].atom_type
@@ -499,26 +516,8 @@ class Scaler(OnePassState, torch.nn.Module):
             if row >= self.type_table.n_rows:
                 return torch.ones_like(table[:1])
             return table[row : row + 1]
-        if atoms is None:  # pragma: no cover - forward always builds it for per-atom targets
-            raise ValueError(f"target '{info.name}': per-atom outputs need the systems")
         padded = pad(table, (0, 0, 0, 1), value=1.0)  # unknown types: 1.0
-        return padded[atoms.types_of(samples)]
-
-
-def _scale_block(block: TensorBlock, factors: torch.Tensor, remove: bool) -> TensorBlock:
-    """A new block: values and gradients multiplied (or divided) by per-row ``factors``."""
-
-    def apply(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        shape = [rows.shape[0]] + [1] * (values.dim() - 2) + [rows.shape[1]]
-        rows = rows.reshape(shape)
-        return values / rows if remove else values * rows
-
-    def gradient_values(_: str, gradient: TensorBlock) -> torch.Tensor:
-        if factors.shape[0] == 1:
-            return apply(gradient.values, factors)
-        return apply(gradient.values, factors[gradient.samples.values[:, 0].to(torch.long)])
-
-    return rebuild_block(block, apply(block.values, factors), gradient_values)
+        return padded.index_select(0, BatchAtoms.of(systems).type_rows(self.type_table))
 
 
 def _positive(value: object, path: str) -> float:

@@ -38,13 +38,15 @@ per-property scales: :class:`pl_mtt.LossModule` does that itself, with the scale
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 
 import torch
-from metatensor.torch import TensorBlock, TensorMap
+from metatensor.torch import TensorMap
 from metatomic.torch import System
 
-from pl_mtt.block_ops import rebuild_block
+from pl_mtt.batch_atoms import BatchAtoms
+from pl_mtt.block_ops import transform_map
 from pl_mtt.tensormaps import ensemble_output_name
 
 __all__ = [
@@ -61,61 +63,47 @@ __all__ = [
 Tensors = Mapping[str, TensorMap]
 
 
-def _not_divided(scaler: torch.nn.Module | None, names: Iterable[str] | None) -> set[str]:
+def _not_divided(scaler: torch.nn.Module | None, names: Iterable[str] | None) -> frozenset[str]:
     """Names (targets and their ensemble outputs) that are never divided by atoms."""
     if names is None:
         names = getattr(scaler, "per_structure_targets", ()) if scaler is not None else ()
-    names = set(names)
+    return _with_ensembles(frozenset(names))
+
+
+@functools.lru_cache(maxsize=64)
+def _with_ensembles(names: frozenset[str]) -> frozenset[str]:
     return names | {ensemble_output_name(name) for name in names}
 
 
-def _n_atoms(systems: list[System]) -> torch.Tensor:
-    return torch.tensor([len(system) for system in systems], dtype=torch.long)
-
-
-def _is_divided(sample_names: list[str]) -> bool:
-    return (
-        "system" in sample_names
-        and "atom" not in sample_names
-        and ("first_atom" not in sample_names)
-    )
-
-
-def _by_atoms(
-    systems: list[System], tensors: Tensors, not_divided: set[str], divide: bool
+def _transform(
+    systems: list[System],
+    tensors: Tensors,
+    *,
+    divide: bool,
+    not_divided: frozenset[str] | None,
+    scaler: torch.nn.Module | None = None,
+    scaler_factors: tuple[bool, bool] = (True, True),
+    composition: torch.nn.Module | None = None,
 ) -> dict[str, TensorMap]:
-    n_atoms: torch.Tensor | None = None
+    """Baseline, division by atoms (unless ``not_divided`` is None) and scales of every
+    TensorMap in one :func:`transform_map` call each: ``divide`` gives
+    ``(y - baseline) / (n_atoms x scale)``, else ``y x n_atoms x scale + baseline``."""
     result: dict[str, TensorMap] = {}
+    atoms: BatchAtoms | None = None
     for name, tensor in tensors.items():
-        if name in not_divided or len(tensor) == 0:
+        shifts = None if composition is None else composition.baselines(systems, name, tensor)
+        scales = None
+        if scaler is not None:
+            scales = scaler.factor_tables(systems, name, tensor, *scaler_factors)
+        divided = not_divided is not None and name not in not_divided
+        if shifts is None and scales is None and not divided:
             result[name] = tensor
             continue
-        names = list(tensor.block_by_id(0).samples.names)
-        if not _is_divided(names):
-            result[name] = tensor
-            continue
-        if n_atoms is None:
-            n_atoms = _n_atoms(systems)
-        blocks = []
-        for block in tensor.blocks():
-            values = block.values
-            counts = n_atoms.to(values.device)[block.samples.column("system").to(torch.long)]
-            counts = counts.to(values.dtype)
-
-            def apply(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-                rows = rows.reshape([-1] + [1] * (values.dim() - 1))
-                return values / rows if divide else values * rows
-
-            def gradient_values(
-                _: str, gradient: TensorBlock, counts: torch.Tensor = counts
-            ) -> torch.Tensor:
-                gradient_names = list(gradient.samples.names)
-                if "atom" in gradient_names or "first_atom" in gradient_names:
-                    return gradient.values
-                return apply(gradient.values, counts[gradient.samples.values[:, 0].long()])
-
-            blocks.append(rebuild_block(block, apply(values, counts), gradient_values))
-        result[name] = TensorMap(tensor.keys, blocks)
+        if atoms is None:
+            atoms = BatchAtoms.of(systems)
+        counts = atoms.atom_counts() if divided else None
+        new = transform_map(tensor, divide, shifts, scales, counts, atoms.first_atom)
+        result[name] = tensor if new is None else new
     return result
 
 
@@ -129,14 +117,16 @@ def divide_by_atoms(
     ``system``; gradients through their ``sample`` column); names in
     ``per_structure_targets`` (and their ensemble outputs) are left as they are.
     """
-    return _by_atoms(systems, tensors, _not_divided(None, per_structure_targets), True)
+    not_divided = _not_divided(None, per_structure_targets)
+    return _transform(systems, tensors, divide=True, not_divided=not_divided)
 
 
 def multiply_by_atoms(
     systems: list[System], tensors: Tensors, per_structure_targets: Iterable[str] = ()
 ) -> dict[str, TensorMap]:
     """The inverse of :func:`divide_by_atoms`."""
-    return _by_atoms(systems, tensors, _not_divided(None, per_structure_targets), False)
+    not_divided = _not_divided(None, per_structure_targets)
+    return _transform(systems, tensors, divide=False, not_divided=not_divided)
 
 
 def targets_for_loss(
@@ -150,18 +140,15 @@ def targets_for_loss(
     In: physical, total units (as read from the data). Out: baseline-free, per atom
     where divided, divided by the per-target scales (dimensionless, of order 1).
     """
-    if composition is not None:
-        targets = composition(systems, targets, remove=True)
-    targets = _by_atoms(systems, targets, _not_divided(scaler, None), True)
-    if scaler is not None:
-        targets = scaler(
-            systems,
-            targets,
-            remove=True,
-            use_per_target_scales=True,
-            use_per_property_scales=False,
-        )
-    return dict(targets)
+    return _transform(
+        systems,
+        targets,
+        divide=True,
+        not_divided=_not_divided(scaler, None),
+        scaler=scaler,
+        scaler_factors=(True, False),
+        composition=composition,
+    )
 
 
 def targets_from_loss(
@@ -171,18 +158,15 @@ def targets_from_loss(
     composition: torch.nn.Module | None = None,
 ) -> dict[str, TensorMap]:
     """The inverse of :func:`targets_for_loss`: loss units -> physical, total units."""
-    if scaler is not None:
-        targets = scaler(
-            systems,
-            targets,
-            remove=False,
-            use_per_target_scales=True,
-            use_per_property_scales=False,
-        )
-    targets = _by_atoms(systems, targets, _not_divided(scaler, None), False)
-    if composition is not None:
-        targets = composition(systems, targets, remove=False)
-    return dict(targets)
+    return _transform(
+        systems,
+        targets,
+        divide=False,
+        not_divided=_not_divided(scaler, None),
+        scaler=scaler,
+        scaler_factors=(True, False),
+        composition=composition,
+    )
 
 
 def predictions_for_loss(
@@ -194,7 +178,7 @@ def predictions_for_loss(
     divided. The LossModule then multiplies multi-property targets by their
     per-property scales.
     """
-    return _by_atoms(systems, predictions, _not_divided(scaler, None), True)
+    return _transform(systems, predictions, divide=True, not_divided=_not_divided(scaler, None))
 
 
 def prepare_for_loss(
@@ -227,11 +211,17 @@ def for_metrics(
     """
     if scaler is None:
         return dict(predictions), dict(targets)
-    predictions = scaler(systems, predictions, remove=False)
-    targets = scaler(
-        systems, targets, remove=False, use_per_target_scales=True, use_per_property_scales=False
+    return (
+        _transform(systems, predictions, divide=False, not_divided=None, scaler=scaler),
+        _transform(
+            systems,
+            targets,
+            divide=False,
+            not_divided=None,
+            scaler=scaler,
+            scaler_factors=(True, False),
+        ),
     )
-    return predictions, targets
 
 
 def to_physical(
@@ -245,8 +235,11 @@ def to_physical(
     ``raw x full scales + baseline`` (full = per-target x per-property); ensemble outputs
     get both on every member. In: the raw model output; out: the units of the data.
     """
-    if scaler is not None:
-        predictions = scaler(systems, predictions, remove=False)
-    if composition is not None:
-        predictions = composition(systems, predictions, remove=False)
-    return dict(predictions)
+    return _transform(
+        systems,
+        predictions,
+        divide=False,
+        not_divided=None,
+        scaler=scaler,
+        composition=composition,
+    )

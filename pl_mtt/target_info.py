@@ -3,7 +3,9 @@
 A layout is a zero-sample TensorMap describing a target (metatrain's convention): its
 keys, and per block the sample names, components and properties. :class:`TargetInfo`
 reads it once, so that later per-batch code only touches plain Python values and
-tensors, never ``Labels`` values (no host-device synchronisation on CUDA).
+tensors, never ``Labels`` values (no host-device synchronisation on CUDA); a TensorMap
+is checked in full the first time its shape signature is seen, later by one cheap
+TorchScript call (:func:`pl_mtt.block_ops.shape_signature`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import metatensor.torch as mts
 import torch
 from metatensor.torch import Labels, TensorMap
 
+from pl_mtt.block_ops import shape_signature
 from pl_mtt.tensormaps import (
     ATOM_PAIR,
     PER_ATOM,
@@ -50,21 +53,6 @@ def layout_buffers(layouts: dict[str, TensorMap]) -> dict[str, torch.Tensor]:
 def layouts_from_buffers(buffers: dict[str, torch.Tensor]) -> dict[str, TensorMap]:
     """The inverse of :func:`layout_buffers`."""
     return {name: mts.load_buffer(buffer.cpu()) for name, buffer in buffers.items()}
-
-
-def _shape_signature(tensor: TensorMap) -> Hashable:
-    """Sample names of block 0 and, per block, the value shape without rows, dtype and
-    device: cheap to compute (a few attribute reads per block), no ``Labels`` values."""
-    blocks = tensor.blocks()
-    if not blocks:
-        return ()
-    first = blocks[0].values
-    return (
-        tuple(blocks[0].samples.names),
-        first.dtype,
-        first.device,
-        tuple(tuple(block.values.shape[1:]) for block in blocks),
-    )
 
 
 def is_invariant_key(names: list[str], values: list[int], n_components: list[int]) -> bool:
@@ -184,7 +172,6 @@ class TargetInfo:
         Raises:
             ValueError: naming the target, the block and what differs.
         """
-        signature = (_shape_signature(tensor), ensemble, any_properties)
         label = self.ensemble_name if ensemble else self.name
         n_blocks = len(tensor)
         if n_blocks != len(self.blocks):
@@ -192,10 +179,10 @@ class TargetInfo:
                 f"{what} '{label}': expected {len(self.blocks)} block(s) as in its layout, "
                 f"got {n_blocks}"
             )
+        shapes, n_properties = shape_signature(tensor)
+        signature = (shapes, ensemble, any_properties)
         members = 1
         if ensemble and not any_properties:
-            first = tensor.block_by_id(0)
-            n_properties = first.values.shape[-1]
             expected = self.blocks[0].n_properties
             if n_properties % expected != 0 or n_properties == 0:
                 raise ValueError(

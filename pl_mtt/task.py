@@ -221,8 +221,11 @@ class AtomisticTask(pl.LightningModule):
         # them exactly (and keeps Lightning's epoch-level bookkeeping consistent)
         self.log_dict(logged, on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max")
         loss_module.reset()
-        # torchmetrics objects: Lightning computes (reduced across ranks) and resets them
-        self.log_dict(metrics.metrics, on_step=False, on_epoch=True)
+        # torchmetrics reduces the metric states across ranks in compute()
+        self.log_dict(
+            metrics.compute(), on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max"
+        )
+        metrics.reset()
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train")

@@ -138,3 +138,34 @@ def test_hand_computed_stress():
     assert float(result["train/stress/MAE"]) == pytest.approx(1.0 / 9)  # |8 / 8| on 1 of 9
     assert float(result["train/virial/MAE"]) == pytest.approx(8.0 / 9)
     assert float(result["train/energy/RMSE"]) == pytest.approx(1.0)
+
+
+def _charge_map(values) -> TensorMap:
+    values = torch.tensor(values, dtype=torch.float64).reshape(-1, 1)
+    samples = Labels(["system", "atom"], torch.tensor([[0, a] for a in range(len(values))]))
+    block = TensorBlock(values, samples, [], Labels(["charge"], torch.tensor([[0]])))
+    return TensorMap(Labels.single(), [block])
+
+
+def test_single_quantity_and_targets_absent_from_a_batch():
+    """One quantity gives scalar results; a target missing from a batch adds nothing."""
+    single = PhysicalMetrics(metric_specs({"mtt::q": {}}), "val")
+    single.update({"mtt::q": _charge_map([1.0, 2.0])}, {"mtt::q": _charge_map([0.0, 0.0])}, [])
+    result = single.compute()
+    assert set(result) == {"val/mtt::q/MAE", "val/mtt::q/RMSE"}
+    assert float(result["val/mtt::q/MAE"]) == pytest.approx(1.5)
+    assert float(result["val/mtt::q/RMSE"]) == pytest.approx(math.sqrt(2.5))
+
+    options = {"energy": OPTIONS["energy"], "mtt::q": {}}
+    specs = metric_specs(options, per_atom_normalized=["energy"])
+    metrics = PhysicalMetrics(specs, "train")
+    forces = [[[0.0, 0.0, 0.0]], [[0.0, 0.0, 0.0]]]
+    energy = {"energy": energy_map([1.0, 3.0], forces, [[0.0] * 9] * 2)}
+    zero = {"energy": energy_map([0.0, 0.0], forces, [[0.0] * 9] * 2)}
+    systems = [system(1, 2.0), system(1, 2.0)]
+    metrics.update(energy, zero, systems)  # no charge in this batch
+    metrics.update({"mtt::q": _charge_map([4.0])}, {"mtt::q": _charge_map([0.0])}, [system(1, 2.0)])
+    result = metrics.compute()
+    assert float(result["train/energy_per_atom/MAE"]) == pytest.approx(2.0)
+    assert float(result["train/mtt::q/MAE"]) == pytest.approx(4.0)
+    assert float(result["train/mtt::q/RMSE"]) == pytest.approx(4.0)

@@ -12,12 +12,13 @@ from metatomic.torch import System
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 
-from scaler_data import batches, layouts, random_structures
+from scaler_data import ALL_TARGETS, batches, layouts, random_structures
 
 from pl_mtt import scaling
 from pl_mtt.composition import CompositionModel
 from pl_mtt.fit_pass import fit_pass
 from pl_mtt.scaler import Scaler
+from pl_mtt.tensormaps import ensemble_output_name
 
 TYPES = [1, 6, 8]
 TARGETS = ("energy", "mtt::charge", "mtt::multi", "mtt::dos", "mtt::pair")
@@ -260,3 +261,92 @@ def test_not_divided_targets_from_the_scaler(data):
     torch.testing.assert_close(
         out["energy"].block_by_id(0).values, targets["energy"].block_by_id(0).values
     )
+
+
+def _by_key(tensor_map):
+    """Key (tuple) -> block values of a public weights/scales TensorMap."""
+    keys = [tuple(key) for key in tensor_map.keys.values.tolist()]
+    return {key: block.values for key, block in zip(keys, tensor_map.blocks(), strict=True)}
+
+
+def test_every_kind_of_target_matches_a_row_loop_reference():
+    """targets_for_loss and to_physical, for every kind of target (per-structure with
+    gradients, per-atom, non-invariant blocks, blocks keyed by atom_type, DOS, atom pairs)
+    and ensemble outputs, equal a loop over sample rows with the public weights and
+    scales."""
+    structures = random_structures(24, TYPES, seed=7, nan_fraction=0.05)
+    data = batches(structures, 8, ALL_TARGETS, atomic_types=TYPES)
+    scaler = Scaler(TYPES, layouts(ALL_TARGETS, TYPES), no_per_property_scales=["mtt::dos"])
+    composition = CompositionModel(TYPES, layouts(ALL_TARGETS, TYPES), exclude=["mtt::dos"])
+    fit_pass(data, scaler, composition)
+    systems, targets, _ = data[1]
+    types = [s.types.tolist() for s in systems]
+    weights = {name: _by_key(t) for name, t in composition.weights.items()}
+    per_target = {name: _by_key(t) for name, t in scaler.per_target_scales.items()}
+    full = {name: _by_key(t) for name, t in scaler.scales.items()}
+
+    def reference(name, tensor, scales, *, to_loss):
+        """Per block: the expected values and gradient values. To loss units:
+        ``(y - base) / (scale x atoms)``; else (inference) ``y x scale + base``."""
+        expected = []
+        for key, block in zip(tensor.keys.values.tolist(), tensor.blocks(), strict=True):
+            w, scale = weights.get(name, {}).get(tuple(key)), scales[name][tuple(key)]
+            members = block.values.shape[-1] // scale.shape[1]
+            values, row_scales, row_atoms = block.values.clone(), [], []
+            for row, sample in enumerate(block.samples.values.tolist()):
+                system = sample[0]
+                if len(sample) == 1:  # per structure: counts . w, divided by atoms
+                    counts = [float(types[system].count(z)) for z in TYPES]
+                    base = torch.tensor(counts, dtype=torch.float64) @ w if w is not None else 0
+                    factor, atoms = scale[0], float(len(types[system])) if to_loss else 1.0
+                else:  # per atom: w and scale of the atom's type
+                    z = TYPES.index(types[system][sample[1]])
+                    base = w[z] if w is not None else 0
+                    factor, atoms = scale[z], 1.0
+                base = base.repeat(members) if w is not None else 0
+                factor = factor.repeat(members)
+                if to_loss:
+                    values[row] = (values[row] - base) / (factor * atoms)
+                else:
+                    values[row] = values[row] * factor + base
+                row_scales.append(factor)
+                row_atoms.append(atoms)
+            gradients = {}
+            for parameter, gradient in block.gradients():
+                g = gradient.values.clone()
+                for row, (parent, *_) in enumerate(gradient.samples.values.tolist()):
+                    factor = row_scales[parent]
+                    if parameter == "strain":  # virials are divided by atoms, forces not
+                        factor = factor * row_atoms[parent]
+                    g[row] = g[row] / factor if to_loss else g[row] * factor
+                gradients[parameter] = g
+            expected.append((values, gradients))
+        return expected
+
+    def compare(got, expected):
+        for block, (values, gradients) in zip(got.blocks(), expected, strict=True):
+            torch.testing.assert_close(block.values, values, rtol=1e-12, atol=1e-12, equal_nan=True)
+            for parameter, g in gradients.items():
+                torch.testing.assert_close(
+                    block.gradient(parameter).values, g, rtol=1e-12, atol=1e-12, equal_nan=True
+                )
+
+    loss_units = scaling.targets_for_loss(systems, targets, scaler, composition)
+    assert loss_units["mtt::pair"] is targets["mtt::pair"]
+    for name in ("energy", "mtt::charge", "mtt::multi", "mtt::dos", "mtt::typed"):
+        compare(loss_units[name], reference(name, targets[name], per_target, to_loss=True))
+
+    # inference on raw outputs (here: the loss-unit targets) and 2-member ensembles
+    raw = {name: loss_units[name] for name in ("energy", "mtt::multi", "mtt::typed")}
+    for name in ("energy", "mtt::multi"):
+        blocks = []
+        for block in raw[name].blocks():
+            values = torch.cat([block.values, 2 * block.values], -1)
+            properties = Labels(["member"], torch.arange(values.shape[-1]).reshape(-1, 1))
+            blocks.append(TensorBlock(values, block.samples, block.components, properties))
+        raw[ensemble_output_name(name)] = TensorMap(raw[name].keys, blocks)
+    physical = scaling.to_physical(systems, raw, scaler, composition)
+    for name, tensor in raw.items():
+        target = name if name in weights or name in full else name.replace("aux::", "")
+        target = target.removesuffix("_ensemble")
+        compare(physical[name], reference(target, tensor, full, to_loss=False))
