@@ -36,7 +36,7 @@ from metatensor.torch import TensorMap
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
 from pl_mtt.composition import CompositionModel
-from pl_mtt.config import _to_plain
+from pl_mtt.config import to_plain
 from pl_mtt.fit_pass import FitSummary, fit_pass
 from pl_mtt.fit_pass import unpack_batch as default_unpack_batch
 from pl_mtt.loss_module import LossModule
@@ -91,18 +91,18 @@ class ScalerCallback(pl.Callback):
         progress_bar: bool = True,
     ) -> None:
         super().__init__()
-        atomic_types, layouts, targets = _to_plain(atomic_types), layouts, _to_plain(targets)
-        no_per_property_scales = _to_plain(no_per_property_scales)
-        fixed_scales = _to_plain(fixed_scales)
+        atomic_types, layouts, targets = to_plain(atomic_types), layouts, to_plain(targets)
+        no_per_property_scales = to_plain(no_per_property_scales)
+        fixed_scales = to_plain(fixed_scales)
         self.atomic_types = None if atomic_types is None else [int(t) for t in atomic_types]
         self.layouts = None if layouts is None else dict(layouts)
         self.targets = None if targets is None else list(targets)
         self.no_per_property_scales = (
             None if no_per_property_scales is None else list(no_per_property_scales)
         )
-        self.per_structure_targets = list(_to_plain(per_structure_targets))
+        self.per_structure_targets = list(to_plain(per_structure_targets))
         self.composition = composition
-        self.no_composition = list(_to_plain(no_composition))
+        self.no_composition = list(to_plain(no_composition))
         self.fixed_scales = None if fixed_scales is None else dict(fixed_scales)
         self.refit = refit
         self.unpack_batch = unpack_batch or default_unpack_batch

@@ -33,7 +33,13 @@ from typing import Any
 
 from pl_mtt.registry import PARAM_KINDS, REQUIRED, LossType, get_loss_type, loss_type_names
 
-__all__ = ["expand_loss_config", "gradient_alias", "is_energy_like", "requested_gradients"]
+__all__ = [
+    "expand_loss_config",
+    "gradient_alias",
+    "is_energy_like",
+    "requested_gradients",
+    "to_plain",
+]
 
 DEFAULT_TYPE = "mse"
 DEFAULT_WEIGHT = 1.0
@@ -44,7 +50,7 @@ MLIP_GRADIENT_KEYS = {"forces": "positions", "stress": "strain", "virial": "stra
 COMMON_TERM_KEYS = ("type", "weight", "reduction")
 
 
-def _to_plain(value: Any) -> Any:
+def to_plain(value: Any) -> Any:
     """OmegaConf containers -> plain Python containers (other values unchanged)."""
     try:
         from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -86,7 +92,7 @@ def requested_gradients(name: str, options: Mapping[str, Any] | None) -> list[st
     targets only); an explicit ``gradients`` list or mapping adds any other name.
     Nothing is on by default.
     """
-    options = _to_plain(options) or {}
+    options = to_plain(options) or {}
     path = f"targets.{name}"
     if not isinstance(options, Mapping):
         raise ValueError(f"{path}: expected a mapping of target options, got {options!r}")
@@ -128,7 +134,7 @@ def requested_gradients(name: str, options: Mapping[str, Any] | None) -> list[st
 
 def gradient_alias(target_name: str, options: Mapping[str, Any] | None, gradient: str) -> str:
     """Readable name of a gradient: ``forces``/``stress``/``virial`` for energies."""
-    options = _to_plain(options) or {}
+    options = to_plain(options) or {}
     if is_energy_like(target_name, options):
         if gradient == "positions":
             return "forces"
@@ -296,8 +302,8 @@ def expand_loss_config(loss: Any, targets: Mapping[str, Any]) -> dict[str, dict]
     Raises:
         ValueError: naming the offending key path and what was expected.
     """
-    loss = _to_plain(loss)
-    targets = _to_plain(targets)
+    loss = to_plain(loss)
+    targets = to_plain(targets)
     if targets is None:
         targets = {}
     if not isinstance(targets, Mapping):

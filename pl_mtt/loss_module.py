@@ -26,7 +26,7 @@ import torch
 from metatensor.torch import TensorBlock, TensorMap
 from torchmetrics import Metric
 
-from pl_mtt.config import _to_plain, expand_loss_config, gradient_alias
+from pl_mtt.config import expand_loss_config, gradient_alias, to_plain
 from pl_mtt.losses.base import LossTerm, ValueCache, create_loss
 from pl_mtt.tensormaps import ensemble_output_name
 
@@ -223,7 +223,7 @@ class LossModule(torch.nn.Module):
     ) -> None:
         super().__init__()
         self.target_options: dict[str, dict] = {
-            name: dict(options or {}) for name, options in (_to_plain(targets) or {}).items()
+            name: dict(options or {}) for name, options in (to_plain(targets) or {}).items()
         }
         self.config: dict[str, dict] = expand_loss_config(loss, self.target_options)
         self.global_mean = bool(global_mean)

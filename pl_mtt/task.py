@@ -35,7 +35,7 @@ from metatensor.torch import Labels, TensorBlock, TensorMap
 
 from pl_mtt import scaling
 from pl_mtt.callbacks import ScalerCallback
-from pl_mtt.config import _to_plain
+from pl_mtt.config import to_plain
 from pl_mtt.functional.dos import dos_alignment_shifts
 from pl_mtt.loss_module import LossModule
 from pl_mtt.metrics import PhysicalMetrics, metric_specs
@@ -96,8 +96,8 @@ class AtomisticTask(pl.LightningModule):
         model_config: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        targets = {n: dict(o or {}) for n, o in (_to_plain(targets) or {}).items()}
-        loss, model_config = _to_plain(loss), _to_plain(model_config)  # plain, picklable
+        targets = {n: dict(o or {}) for n, o in (to_plain(targets) or {}).items()}
+        loss, model_config = to_plain(loss), to_plain(model_config)  # plain, picklable
         self.save_hyperparameters(ignore=["model"])
         if model is None:
             if model_config is None:

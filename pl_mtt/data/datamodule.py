@@ -37,7 +37,7 @@ import lightning
 import torch
 from torch.utils.data import DataLoader
 
-from pl_mtt.config import _to_plain
+from pl_mtt.config import to_plain
 from pl_mtt.data.collate import batch_to, collate
 from pl_mtt.data.dataset import AtomisticDataset
 from pl_mtt.data.embedded import EmbeddedDataset, embedded_dataset
@@ -117,8 +117,8 @@ class AtomisticDataModule(lightning.LightningDataModule):
         self.dataset_name = dataset
         self.path = path
         self.n_structures = n_structures
-        self.targets_config = dict(_to_plain(targets) or {})
-        self.extra_data_config = dict(_to_plain(extra_data) or {})
+        self.targets_config = dict(to_plain(targets) or {})
+        self.extra_data_config = dict(to_plain(extra_data) or {})
         self.val_fraction = float(val_fraction)
         self.test_fraction = float(test_fraction)
         self.batch_size = int(batch_size)

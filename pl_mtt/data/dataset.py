@@ -22,7 +22,7 @@ import torch
 from metatensor.torch import TensorMap
 from metatomic.torch import System
 
-from pl_mtt.config import _to_plain
+from pl_mtt.config import to_plain
 from pl_mtt.data.extra_data import read_extra_data
 from pl_mtt.data.layout import zero_sample_layout
 from pl_mtt.data.systems import read_atoms, systems_from_atoms
@@ -79,7 +79,7 @@ class AtomisticDataset(torch.utils.data.Dataset):
         tensors, resolved = read_targets(path, targets, frames=frames, dtype=dtype)
         extra = {
             name: read_extra_data(name, options, len(systems), dtype)
-            for name, options in (_to_plain(extra_data) or {}).items()
+            for name, options in (to_plain(extra_data) or {}).items()
         }
         return cls(systems, tensors, extra, resolved)
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from metatensor.torch import Labels, TensorBlock, TensorMap
 
-from pl_mtt.config import _to_plain
+from pl_mtt.config import to_plain
 
 __all__ = ["read_extra_data", "split_by_system"]
 
@@ -51,7 +51,7 @@ def read_extra_data(
     ``options`` may also be the path itself. Raises ``ValueError`` naming the entry and
     the path for a missing/unreadable file or samples that do not fit the dataset.
     """
-    options = _to_plain(options)
+    options = to_plain(options)
     if isinstance(options, (str, Path)):
         options = {"read_from": str(options)}
     if not isinstance(options, Mapping) or not options.get("read_from"):

@@ -41,7 +41,7 @@ import torch
 from ase.stress import voigt_6_to_full_3x3_stress
 from metatensor.torch import TensorMap
 
-from pl_mtt.config import _to_plain, is_energy_like
+from pl_mtt.config import is_energy_like, to_plain
 from pl_mtt.data.layout import property_labels, structure_tensor_map
 from pl_mtt.data.systems import read_atoms
 
@@ -141,7 +141,7 @@ def resolve_target_options(
     ``forces``/``stress``/``virial``, detected ``per_atom``/``num_subtargets``) and, for
     each gradient read, ``option -> (key, file)``.
     """
-    options = _to_plain(options) or {}
+    options = to_plain(options) or {}
     if not isinstance(options, Mapping):
         raise ValueError(f"targets.{name}: expected a mapping of options, got {options!r}")
     for key in options:
@@ -296,7 +296,7 @@ def read_targets(
     main = frames_for(path)
     tensors: dict[str, list[TensorMap]] = {}
     resolved_all: dict[str, dict[str, Any]] = {}
-    for name, options in (_to_plain(targets) or {}).items():
+    for name, options in (to_plain(targets) or {}).items():
         resolved, sources = resolve_target_options(name, options, path, frames_for)
         tensors[name] = _read_one_target(name, resolved, sources, frames_for, main, dtype)
         resolved_all[name] = resolved

@@ -28,7 +28,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from metatensor.torch import TensorMap
 from metatomic.torch import System
 
-from pl_mtt.config import _to_plain, is_energy_like
+from pl_mtt.config import is_energy_like, to_plain
 from pl_mtt.data.systems import system_to_atoms
 
 __all__ = ["write_extxyz"]
@@ -119,7 +119,7 @@ def write_extxyz(
             ``stress``, ``virial`` key names...) used to name the written entries.
     """
     targets = targets or {}
-    options = _to_plain(target_options) or {}
+    options = to_plain(target_options) or {}
     frames = []
     for index, system in enumerate(systems):
         tensors = {name: values[index] for name, values in targets.items()}
