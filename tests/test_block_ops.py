@@ -3,8 +3,15 @@ from their plain-Python versions (what runs if TorchScript cannot compile them).
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
 from metatensor.torch import Labels, TensorBlock, TensorMap
+
+sys.path.insert(0, str(Path(__file__).parent / "scripts"))
+
+from losses_data import shuffled_energy
 
 from pl_mtt.block_ops import flat_values, shape_signature, transform_map
 
@@ -15,31 +22,7 @@ def _labels(names, values):
 
 def _energy():
     """Rows [system 1, system 0]; a positions and a strain gradient."""
-    block = TensorBlock(
-        torch.tensor([[50.0], [30.0]], dtype=torch.float64),
-        _labels(["system"], [[1], [0]]),
-        [],
-        _labels(["energy"], [[0]]),
-    )
-    block.add_gradient(
-        "positions",
-        TensorBlock(
-            torch.full((2, 3, 1), 6.0, dtype=torch.float64),
-            _labels(["sample", "system", "atom"], [[0, 1, 0], [1, 0, 1]]),
-            [_labels(["xyz"], [[0], [1], [2]])],
-            _labels(["energy"], [[0]]),
-        ),
-    )
-    block.add_gradient(
-        "strain",
-        TensorBlock(
-            torch.full((2, 3, 3, 1), 12.0, dtype=torch.float64),
-            _labels(["sample"], [[0], [1]]),
-            [_labels(["xyz_1"], [[0], [1], [2]]), _labels(["xyz_2"], [[0], [1], [2]])],
-            _labels(["energy"], [[0]]),
-        ),
-    )
-    return TensorMap(Labels.single(), [block])
+    return shuffled_energy(6.0, 12.0, (0, 1))
 
 
 def _per_atom():

@@ -12,6 +12,7 @@ from metatomic.torch import System
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 
+from losses_data import shuffled_energy
 from scaler_data import ALL_TARGETS, batches, layouts, random_structures
 
 from pl_mtt import scaling
@@ -51,38 +52,9 @@ def fitted(data):
     return scaler, composition
 
 
-def _energy_with_gradients():
-    """Two systems (3 and 5 atoms), value rows in the order [system 1, system 0]."""
-    block = TensorBlock(
-        torch.tensor([[50.0], [30.0]], dtype=torch.float64),
-        _labels(["system"], [[1], [0]]),
-        [],
-        _labels(["energy"], [[0]]),
-    )
-    block.add_gradient(
-        "positions",
-        TensorBlock(
-            torch.full((2, 3, 1), 7.0, dtype=torch.float64),
-            _labels(["sample", "system", "atom"], [[0, 1, 0], [1, 0, 2]]),
-            [_labels(["xyz"], [[0], [1], [2]])],
-            _labels(["energy"], [[0]]),
-        ),
-    )
-    block.add_gradient(
-        "strain",
-        TensorBlock(
-            torch.full((2, 3, 3, 1), 15.0, dtype=torch.float64),
-            _labels(["sample"], [[0], [1]]),
-            [_labels(["xyz_1"], [[0], [1], [2]]), _labels(["xyz_2"], [[0], [1], [2]])],
-            _labels(["energy"], [[0]]),
-        ),
-    )
-    return TensorMap(Labels.single(), [block])
-
-
 def test_division_rule_energy_forces_virial():
     systems = [_system(3), _system(5)]
-    energy = _energy_with_gradients()
+    energy = shuffled_energy(7.0, 15.0, (0, 2))
     per_atom = TensorMap(
         Labels.single(),
         [

@@ -188,3 +188,34 @@ def random_mask(tensor_map: TensorMap, generator: torch.Generator, dtype=torch.f
         return choices[torch.randint(0, 4, values.shape, generator=generator)]
 
     return map_like(tensor_map, draw)
+
+
+def shuffled_energy(positions_value: float, strain_value: float, atoms: tuple[int, int]):
+    """Energy TensorMap with value rows [system 1, system 0] (energies 50 and 30), one
+    positions-gradient row per system (atom ``atoms[i]`` of row ``i``'s system) filled
+    with ``positions_value``, and strain-gradient rows filled with ``strain_value``."""
+    block = TensorBlock(
+        torch.tensor([[50.0], [30.0]], dtype=torch.float64),
+        labels(["system"], [[1], [0]]),
+        [],
+        labels(["energy"], [[0]]),
+    )
+    block.add_gradient(
+        "positions",
+        TensorBlock(
+            torch.full((2, 3, 1), positions_value, dtype=torch.float64),
+            labels(["sample", "system", "atom"], [[0, 1, atoms[0]], [1, 0, atoms[1]]]),
+            [XYZ],
+            labels(["energy"], [[0]]),
+        ),
+    )
+    block.add_gradient(
+        "strain",
+        TensorBlock(
+            torch.full((2, 3, 3, 1), strain_value, dtype=torch.float64),
+            labels(["sample"], [[0], [1]]),
+            [XYZ_1, XYZ_2],
+            labels(["energy"], [[0]]),
+        ),
+    )
+    return TensorMap(Labels.single(), [block])
