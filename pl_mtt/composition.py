@@ -58,14 +58,13 @@ from metatensor.torch import Labels, TensorBlock, TensorMap
 from metatomic.torch import System
 from torch.nn.functional import pad
 
-from pl_mtt.batch_atoms import BatchAtoms, TypeTable
+from pl_mtt.batch_atoms import BatchAtoms
 from pl_mtt.block_ops import grouped_sums, rebuild_block, transform_map
 from pl_mtt.one_pass import OnePassState, check_mask, known_names
 from pl_mtt.target_info import (
     TargetInfo,
     layout_buffers,
     layouts_from_buffers,
-    zero_sample_layout,
 )
 
 __all__ = ["CompositionModel"]
@@ -119,20 +118,8 @@ class CompositionModel(OnePassState, torch.nn.Module):
         rcond: float = 1e-12,
     ) -> None:
         super().__init__()
-        if not isinstance(layouts, Mapping):
-            raise ValueError(
-                f"layouts: expected a mapping of target name -> TensorMap, got "
-                f"{type(layouts).__name__}"
-            )
-        self.type_table = TypeTable(atomic_types)
-        self.targets: dict[str, TargetInfo] = {
-            name: TargetInfo(name, layout) for name, layout in layouts.items()
-        }
-        self.layouts = {name: zero_sample_layout(t) for name, t in layouts.items()}
+        self._set_targets(atomic_types, layouts, per_structure_targets)
         self.exclude = known_names(exclude, self.targets, "exclude")
-        self.per_structure_targets = known_names(
-            per_structure_targets, self.targets, "per_structure_targets"
-        )
         self.rcond = float(rcond)
         self.blocks: dict[str, list[int]] = {
             name: [
@@ -142,8 +129,6 @@ class CompositionModel(OnePassState, torch.nn.Module):
             ]
             for name, info in self.targets.items()
         }
-        self._ensembles = {info.ensemble_name: name for name, info in self.targets.items()}
-        self._index = {name: index for index, name in enumerate(self.targets)}
         n_rows = self.type_table.n_rows
         self.target_weights = torch.nn.ModuleList(
             [
@@ -151,8 +136,6 @@ class CompositionModel(OnePassState, torch.nn.Module):
                 for name, info in self.targets.items()
             ]
         )
-        self.register_buffer("fitted", torch.tensor(False))
-        self.register_buffer("type_seen", torch.zeros(n_rows, dtype=torch.bool))
         self.reset()
 
     # -- what it was built for (saved in the state_dict) -----------------------------
@@ -311,13 +294,7 @@ class CompositionModel(OnePassState, torch.nn.Module):
         self, targets: Mapping[str, TensorMap], extra_data: Mapping[str, TensorMap]
     ) -> None:
         for name, tensor in targets.items():
-            info = self.targets.get(name)
-            if info is None:
-                raise ValueError(
-                    f"CompositionModel: unknown target '{name}'; the model was built for "
-                    f"{sorted(self.targets)}"
-                )
-            info.check(tensor, "target")
+            self._target_info(name).check(tensor, "target")
             mask = extra_data.get(name + "_mask")
             if mask is not None:
                 check_mask(mask, tensor, name)
@@ -508,34 +485,19 @@ class CompositionModel(OnePassState, torch.nn.Module):
 
     # -- results -------------------------------------------------------------------
     @property
-    def atomic_types(self) -> list[int]:
-        """The types of the weights' rows: as given, or those seen while fitting."""
-        if not self.type_table.discover:
-            return list(self.type_table.types)
-        return [
-            t
-            for t, seen in zip(self.type_table.types, self.type_seen.tolist(), strict=True)
-            if seen
-        ]
-
-    @property
     def weights(self) -> dict[str, TensorMap]:
         """Per baselined target: its invariant blocks' keys, samples ``atomic_type`` (one
         row per atomic type, in order), the target's properties."""
-        types = self.atomic_types
-        rows = torch.tensor([self.type_table.row_of(t) for t in types], dtype=torch.long)
         result = {}
         for name, info in self.targets.items():
             if not self.blocks[name]:
                 continue
             state = self.target_weights[self._index[name]]
             device = state.weights(self.blocks[name][0]).device
-            samples = Labels(
-                ["atomic_type"], torch.tensor(types, dtype=torch.int32).reshape(-1, 1)
-            ).to(device)
+            samples, rows = self._type_samples(device)
             blocks = [
                 TensorBlock(
-                    values=state.weights(b)[rows.to(device)].clone(),
+                    values=state.weights(b)[rows].clone(),
                     samples=samples,
                     components=[],
                     properties=info.blocks[b].properties.to(device),

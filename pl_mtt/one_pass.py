@@ -13,7 +13,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from metatensor.torch import TensorMap
+from metatensor.torch import Labels, TensorMap
+
+from pl_mtt.batch_atoms import TypeTable
+from pl_mtt.target_info import TargetInfo, zero_sample_layout
 
 __all__ = ["OnePassState", "check_mask", "known_names"]
 
@@ -24,6 +27,61 @@ class OnePassState:
     Subclasses implement :meth:`construction` (their arguments as plain values and
     tensors) and :meth:`sum_tensors` (the accumulators, in a fixed order).
     """
+
+    def _set_targets(
+        self,
+        atomic_types: Sequence[int] | None,
+        layouts: Mapping[str, TensorMap],
+        per_structure_targets: Sequence[str],
+    ) -> None:
+        """What both models keep of their targets: the type table, each target's
+        :class:`TargetInfo` and zero-sample layout, the per-structure targets not divided
+        by atoms, and the ``fitted``/``type_seen`` buffers (``self`` is an nn.Module)."""
+        if not isinstance(layouts, Mapping):
+            raise ValueError(
+                f"layouts: expected a mapping of target name -> TensorMap, got "
+                f"{type(layouts).__name__}"
+            )
+        self.type_table = TypeTable(atomic_types)
+        self.targets: dict[str, TargetInfo] = {
+            name: TargetInfo(name, layout) for name, layout in layouts.items()
+        }
+        self.layouts = {name: zero_sample_layout(t) for name, t in layouts.items()}
+        self.per_structure_targets = known_names(
+            per_structure_targets, self.targets, "per_structure_targets"
+        )
+        self._ensembles = {info.ensemble_name: name for name, info in self.targets.items()}
+        self._index = {name: index for index, name in enumerate(self.targets)}
+        self.register_buffer("fitted", torch.tensor(False))
+        self.register_buffer("type_seen", torch.zeros(self.type_table.n_rows, dtype=torch.bool))
+
+    def _target_info(self, name: str) -> TargetInfo:
+        """The info of target ``name``; an unknown name is a ValueError."""
+        info = self.targets.get(name)
+        if info is None:
+            raise ValueError(
+                f"{type(self).__name__}: unknown target '{name}'; it was built for "
+                f"{sorted(self.targets)}"
+            )
+        return info
+
+    @property
+    def atomic_types(self) -> list[int]:
+        """The types of the per-type rows: as given, or those seen while fitting."""
+        if not self.type_table.discover:
+            return list(self.type_table.types)
+        return [
+            t
+            for t, seen in zip(self.type_table.types, self.type_seen.tolist(), strict=True)
+            if seen
+        ]
+
+    def _type_samples(self, device: torch.device) -> tuple[Labels, torch.Tensor]:
+        """Samples ``atomic_type`` of :attr:`atomic_types` and their rows in the tables."""
+        types = self.atomic_types
+        rows = torch.tensor([self.type_table.row_of(t) for t in types], dtype=torch.long)
+        samples = Labels(["atomic_type"], torch.tensor(types, dtype=torch.int32).reshape(-1, 1))
+        return samples.to(device), rows.to(device)
 
     def construction(self) -> dict[str, Any]:
         raise NotImplementedError

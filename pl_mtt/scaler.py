@@ -44,14 +44,13 @@ from metatensor.torch import Labels, TensorBlock, TensorMap
 from metatomic.torch import System
 from torch.nn.functional import pad
 
-from pl_mtt.batch_atoms import BatchAtoms, TypeTable
+from pl_mtt.batch_atoms import BatchAtoms
 from pl_mtt.block_ops import grouped_sums, transform_map
 from pl_mtt.one_pass import OnePassState, check_mask, known_names
 from pl_mtt.target_info import (
     TargetInfo,
     layout_buffers,
     layouts_from_buffers,
-    zero_sample_layout,
 )
 
 __all__ = ["Scaler", "rms_scales"]
@@ -135,24 +134,10 @@ class Scaler(OnePassState, torch.nn.Module):
         per_structure_targets: Sequence[str] = (),
     ) -> None:
         super().__init__()
-        if not isinstance(layouts, Mapping):
-            raise ValueError(
-                f"layouts: expected a mapping of target name -> TensorMap, got "
-                f"{type(layouts).__name__}"
-            )
-        self.type_table = TypeTable(atomic_types)
-        self.targets: dict[str, TargetInfo] = {
-            name: TargetInfo(name, layout) for name, layout in layouts.items()
-        }
-        self.layouts = {name: zero_sample_layout(t) for name, t in layouts.items()}
+        self._set_targets(atomic_types, layouts, per_structure_targets)
         self.no_per_property_scales = known_names(
             no_per_property_scales, self.targets, "no_per_property_scales"
         )
-        self.per_structure_targets = known_names(
-            per_structure_targets, self.targets, "per_structure_targets"
-        )
-        self._ensembles = {info.ensemble_name: name for name, info in self.targets.items()}
-        self._index = {name: index for index, name in enumerate(self.targets)}
         n_rows = self.type_table.n_rows
         self.target_scales = torch.nn.ModuleList(
             [
@@ -160,8 +145,6 @@ class Scaler(OnePassState, torch.nn.Module):
                 for info in self.targets.values()
             ]
         )
-        self.register_buffer("fitted", torch.tensor(False))
-        self.register_buffer("type_seen", torch.zeros(n_rows, dtype=torch.bool))
         self.reset_sums()
 
     # -- what it was built for (saved in the state_dict) -----------------------------
@@ -247,12 +230,7 @@ class Scaler(OnePassState, torch.nn.Module):
         self._move_sums(atoms.device)
         self._type_count += atoms.type_totals(self.type_table)
         for name, tensor in targets.items():
-            info = self.targets.get(name)
-            if info is None:
-                raise ValueError(
-                    f"Scaler.accumulate: unknown target '{name}'; the scaler was built for "
-                    f"{sorted(self.targets)}"
-                )
+            info = self._target_info(name)
             info.check(tensor, "target")
             if info.atom_pair:
                 continue
@@ -358,28 +336,12 @@ class Scaler(OnePassState, torch.nn.Module):
         return result
 
     # -- results -------------------------------------------------------------------
-    @property
-    def atomic_types(self) -> list[int]:
-        """The types of the per-type rows: as given, or those seen while fitting."""
-        if not self.type_table.discover:
-            return list(self.type_table.types)
-        return [
-            t
-            for t, seen in zip(self.type_table.types, self.type_seen.tolist(), strict=True)
-            if seen
-        ]
-
     def _public(self, which: str) -> dict[str, TensorMap]:
-        types = self.atomic_types
-        rows = torch.tensor([self.type_table.row_of(t) for t in types], dtype=torch.long)
         result = {}
         for (name, info), state in zip(self.targets.items(), self.target_scales, strict=True):
             device = state.per_target.device
             if info.per_atom:
-                samples = Labels(
-                    ["atomic_type"], torch.tensor(types, dtype=torch.int32).reshape(-1, 1)
-                ).to(device)
-                index = rows.to(device)
+                samples, index = self._type_samples(device)
             else:
                 samples = Labels(["atomic_type"], torch.tensor([[-1]], dtype=torch.int32)).to(
                     device
