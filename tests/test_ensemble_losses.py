@@ -419,6 +419,18 @@ def test_ensemble_without_the_gradient(generator):
         term({"energy_ensemble": ensemble}, {"energy": target})
 
 
+def test_dtype_mismatch(generator):
+    target = random_energy(N_ATOMS, generator)
+    ensemble = ensemble_of(random_energy(N_ATOMS, generator, dtype=torch.float32), 3, generator)
+    term = create_loss("gaussian_nll_ensemble", name="energy")
+    with pytest.raises(
+        ValueError,
+        match=r"ensemble output 'energy_ensemble' \(torch.float32, cpu\) and target "
+        r"\(torch.float64, cpu\) differ in dtype or device",
+    ):
+        term({"energy_ensemble": ensemble}, {"energy": target})
+
+
 def test_mismatched_keys(generator):
     target = multi_block_map(N_ATOMS, generator)
     ensemble = ensemble_of(target, 3, generator)

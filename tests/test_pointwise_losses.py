@@ -454,7 +454,10 @@ def test_mismatched_keys_and_components(generator):
 def test_dtype_mismatch(generator):
     prediction = random_energy(N_ATOMS, generator, dtype=torch.float32)
     target = random_energy(N_ATOMS, generator)
-    with pytest.raises(ValueError, match="dtype"):
+    with pytest.raises(
+        ValueError,
+        match=r"prediction \(torch.float32, cpu\) and target \(torch.float64, cpu\) differ",
+    ):
         create_loss("mse", name="energy")({"energy": prediction}, {"energy": target})
 
 

@@ -222,6 +222,16 @@ class LossTerm(torch.nn.Module):
             full_check()
             self._checked_layouts.add(signature)
 
+    def check_dtype_device(
+        self, first: torch.Tensor, first_name: str, second: torch.Tensor, second_name: str
+    ) -> None:
+        """``first`` and ``second`` (named in the error) must share dtype and device."""
+        if first.dtype != second.dtype or first.device != second.device:
+            raise self.error(
+                f"{first_name} ({first.dtype}, {first.device}) and {second_name} "
+                f"({second.dtype}, {second.device}) differ in dtype or device"
+            )
+
     # -- computation -----------------------------------------------------------------
     def sum_and_count(
         self,

@@ -84,12 +84,7 @@ class EnsembleLoss(LossTerm):
                 f"'{self.kind}_ensemble' needs at least {self.min_members} ensemble members "
                 f"(a variance), the {what} has {n_members}"
             )
-        first_e, first_t = e_blocks[0].values, t_blocks[0].values
-        if first_e.dtype != first_t.dtype or first_e.device != first_t.device:
-            raise self.error(
-                f"{what} ({first_e.dtype}, {first_e.device}) and target "
-                f"({first_t.dtype}, {first_t.device}) differ in dtype or device"
-            )
+        self.check_dtype_device(e_blocks[0].values, what, t_blocks[0].values, "target")
 
     def sum_and_count(
         self,

@@ -159,11 +159,7 @@ class PointwiseLoss(LossTerm):
             check_same_layout(self, target, t_blocks, mask, m_blocks, ("target", "mask"))
         if len(t_values) == 0:
             raise self.error("the target has no blocks")
-        if p_values[0].dtype != t_values[0].dtype or p_values[0].device != t_values[0].device:
-            raise self.error(
-                f"prediction ({p_values[0].dtype}, {p_values[0].device}) and target "
-                f"({t_values[0].dtype}, {t_values[0].device}) differ in dtype or device"
-            )
+        self.check_dtype_device(p_values[0], "prediction", t_values[0], "target")
 
     def sum_and_count(
         self,
