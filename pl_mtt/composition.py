@@ -63,8 +63,6 @@ from pl_mtt.block_ops import grouped_sums, rebuild_block, transform_map
 from pl_mtt.one_pass import OnePassState, check_mask, known_names
 from pl_mtt.target_info import (
     TargetInfo,
-    layout_buffers,
-    layouts_from_buffers,
 )
 
 __all__ = ["CompositionModel"]
@@ -139,26 +137,8 @@ class CompositionModel(OnePassState, torch.nn.Module):
         self.reset()
 
     # -- what it was built for (saved in the state_dict) -----------------------------
-    def construction(self) -> dict[str, Any]:
-        """The arguments this model was built with, as plain values and tensors."""
-        return {
-            "atomic_types": None if self.type_table.discover else list(self.type_table.types),
-            "layouts": layout_buffers(self.layouts),
-            "exclude": sorted(self.exclude),
-            "per_structure_targets": sorted(self.per_structure_targets),
-            "rcond": self.rcond,
-        }
-
-    @classmethod
-    def from_construction(cls, construction: Mapping[str, Any]) -> CompositionModel:
-        """An unfitted model built like the one that saved ``construction``."""
-        return cls(
-            construction["atomic_types"],
-            layouts_from_buffers(construction["layouts"]),
-            exclude=construction["exclude"],
-            per_structure_targets=construction["per_structure_targets"],
-            rcond=construction["rcond"],
-        )
+    def options(self) -> dict[str, Any]:
+        return {"exclude": sorted(self.exclude), "rcond": self.rcond}
 
     # -- bookkeeping ---------------------------------------------------------------
     def _divided(self, name: str) -> bool:

@@ -16,7 +16,12 @@ import torch
 from metatensor.torch import Labels, TensorMap
 
 from pl_mtt.batch_atoms import TypeTable
-from pl_mtt.target_info import TargetInfo, zero_sample_layout
+from pl_mtt.target_info import (
+    TargetInfo,
+    layout_buffers,
+    layouts_from_buffers,
+    zero_sample_layout,
+)
 
 __all__ = ["OnePassState", "check_mask", "known_names"]
 
@@ -24,8 +29,9 @@ __all__ = ["OnePassState", "check_mask", "known_names"]
 class OnePassState:
     """Mixin for ``nn.Module``s fitted from one pass of accumulated sums.
 
-    Subclasses implement :meth:`construction` (their arguments as plain values and
-    tensors) and :meth:`sum_tensors` (the accumulators, in a fixed order).
+    Subclasses call :meth:`_set_targets` when built and implement :meth:`options`
+    (their other keyword arguments as plain values) and :meth:`sum_tensors` (the
+    accumulators, in a fixed order).
     """
 
     def _set_targets(
@@ -83,8 +89,25 @@ class OnePassState:
         samples = Labels(["atomic_type"], torch.tensor(types, dtype=torch.int32).reshape(-1, 1))
         return samples.to(device), rows.to(device)
 
-    def construction(self) -> dict[str, Any]:
+    def options(self) -> dict[str, Any]:
+        """The keyword arguments (beyond ``per_structure_targets``) it was built with."""
         raise NotImplementedError
+
+    def construction(self) -> dict[str, Any]:
+        """The arguments it was built with, as plain values and tensors."""
+        return {
+            "atomic_types": None if self.type_table.discover else list(self.type_table.types),
+            "layouts": layout_buffers(self.layouts),
+            "per_structure_targets": sorted(self.per_structure_targets),
+            **self.options(),
+        }
+
+    @classmethod
+    def from_construction(cls, construction: Mapping[str, Any]) -> Any:
+        """An unfitted model built like the one that saved ``construction``."""
+        options = dict(construction)
+        atomic_types, layouts = options.pop("atomic_types"), options.pop("layouts")
+        return cls(atomic_types, layouts_from_buffers(layouts), **options)
 
     def sum_tensors(self) -> list[torch.Tensor]:
         raise NotImplementedError

@@ -49,8 +49,6 @@ from pl_mtt.block_ops import grouped_sums, transform_map
 from pl_mtt.one_pass import OnePassState, check_mask, known_names
 from pl_mtt.target_info import (
     TargetInfo,
-    layout_buffers,
-    layouts_from_buffers,
 )
 
 __all__ = ["Scaler", "rms_scales"]
@@ -148,24 +146,8 @@ class Scaler(OnePassState, torch.nn.Module):
         self.reset_sums()
 
     # -- what it was built for (saved in the state_dict) -----------------------------
-    def construction(self) -> dict[str, Any]:
-        """The arguments this scaler was built with, as plain values and tensors."""
-        return {
-            "atomic_types": None if self.type_table.discover else list(self.type_table.types),
-            "layouts": layout_buffers(self.layouts),
-            "no_per_property_scales": sorted(self.no_per_property_scales),
-            "per_structure_targets": sorted(self.per_structure_targets),
-        }
-
-    @classmethod
-    def from_construction(cls, construction: Mapping[str, Any]) -> Scaler:
-        """An unfitted scaler built like the one that saved ``construction``."""
-        return cls(
-            construction["atomic_types"],
-            layouts_from_buffers(construction["layouts"]),
-            no_per_property_scales=construction["no_per_property_scales"],
-            per_structure_targets=construction["per_structure_targets"],
-        )
+    def options(self) -> dict[str, Any]:
+        return {"no_per_property_scales": sorted(self.no_per_property_scales)}
 
     # -- accumulation --------------------------------------------------------------
     def reset_sums(self) -> None:
