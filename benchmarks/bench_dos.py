@@ -5,7 +5,9 @@ public PET-MAD-DOS training code does): unfold all shifts into a ``(B, shifts, n
 tensor, take the minimum of the masked integrated error over shifts with autograd
 through it, then gather each structure's aligned window in a Python loop for the
 gradient and cumulative terms. Sizes: PET-MAD-DOS scale, ``n + extra_targets = 4806``,
-``extra_targets = 200``, float32, forward + backward.
+``extra_targets = 200``, float32, forward + backward. On CUDA a third case runs the
+core compiled (``torch.compile(fullgraph=True, mode="reduce-overhead")``, what
+``LossModule.compile_cores("reduce-overhead")`` does): eager, the step is launch-bound.
 
 .. code-block:: bash
 
@@ -112,6 +114,31 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
                 ours=_step(ours_dos_loss, pred, target, mask, extra_targets),
                 target=TARGET if batch == 64 and not quick else "",
                 repeats=5 if device.type == "cpu" else 20,
+            )
+        )
+    if device.type == "cuda":  # the launch-bound core compiled, with CUDA graphs
+        compiled = torch.compile(masked_dos_loss, fullgraph=True, mode="reduce-overhead")
+
+        def compiled_loss(pred, target, mask, extra_targets):
+            return compiled(
+                pred,
+                target,
+                mask,
+                extra_targets=extra_targets,
+                grid_spacing=GRID_SPACING,
+                grad_weight=GRAD_WEIGHT,
+                int_weight=INT_WEIGHT,
+            ).mean()
+
+        result.append(
+            Case(
+                benchmark="masked_dos",
+                case=f"B={batch}, same, core compiled with mode='reduce-overhead'",
+                baseline=_step(naive_dos_loss, pred, target, mask, extra_targets),
+                ours=_step(compiled_loss, pred, target, mask, extra_targets),
+                target=TARGET if not quick else "",
+                repeats=20,
+                warmup=3,
             )
         )
     return result

@@ -24,6 +24,7 @@ import itertools
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -57,7 +58,8 @@ def _bare_loss(predictions, targets, n_atoms) -> torch.Tensor:
     return energy + forces + strain.square().mean()
 
 
-def cases(device: torch.device, quick: bool) -> list[Case]:
+def setup(device: torch.device, quick: bool) -> SimpleNamespace:
+    """Batches, fitted scaler and baseline, LossModule, metrics and model on ``device``."""
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as cache:
         import os
@@ -70,13 +72,30 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
     scaler = Scaler(data.atomic_types, data.layouts()).to(device)
     composition = CompositionModel(data.atomic_types, data.layouts()).to(device)
     fit_pass(batches, scaler, composition)
-    holder = _Holder(scaler, composition)
     loss = LossModule(LOSS, options).to(device)
     loss.set_scaler(scaler)
     specs = metric_specs(options, ["energy"], {"energy": ["positions", "strain"]})
-    metrics = PhysicalMetrics(specs, "train").to(device)
     model = RadialMLP(n_radial=8 if quick else 16, hidden=(16,) if quick else (64, 64))
-    model = model.to(device).train()
+    return SimpleNamespace(
+        batches=batches,
+        scaler=scaler,
+        holder=_Holder(scaler, composition),
+        loss=loss,
+        metrics=PhysicalMetrics(specs, "train").to(device),
+        model=model.to(device).train(),
+    )
+
+
+def cases(device: torch.device, quick: bool) -> list[Case]:
+    parts = setup(device, quick)
+    batches, holder, loss, metrics, model = (
+        parts.batches,
+        parts.holder,
+        parts.loss,
+        parts.metrics,
+        parts.model,
+    )
+    scaler = parts.scaler
     # each step takes the next batch (as training does: nothing cached across steps);
     # both sides see the same sequence
     n_atoms = [

@@ -267,6 +267,19 @@ class LossModule(torch.nn.Module):
         """Use ``scaler`` (not registered as a submodule: its owner checkpoints it)."""
         self._scaler = () if scaler is None else (scaler,)
 
+    def compile_cores(self, mode: str | None = "default") -> list[str]:
+        """Compile the functional cores of the terms that have one (``masked_dos``)
+        with ``torch.compile(fullgraph=True, mode=mode)``; ``None`` goes back to eager.
+        Returns the names of those terms.
+
+        .. code-block:: python
+
+            loss = LossModule({"mtt::dos": {"type": "masked_dos", "extra_targets": 200}},
+                              {"mtt::dos": {}})
+            loss.compile_cores("reduce-overhead")  # GPU: CUDA graphs, fewest launches
+        """
+        return [name for name, term in self.terms.items() if term.compile_core(mode)]
+
     @property
     def terms(self) -> dict[str, LossTerm]:
         """Term name -> term (``energy``, ``energy/forces``, ...)."""

@@ -59,13 +59,15 @@ def tensor_map(values: torch.Tensor, first_point: int = 0) -> TensorMap:
     batch, width = values.shape
     block = TensorBlock(
         values=values,
-        samples=Labels(["system"], torch.arange(batch, dtype=torch.int32)[:, None]),
+        samples=Labels(["system"], torch.arange(batch, dtype=torch.int32)[:, None]).to(
+            values.device
+        ),
         components=[],
         properties=Labels(
             ["point"], torch.arange(first_point, first_point + width, dtype=torch.int32)[:, None]
-        ),
+        ).to(values.device),
     )
-    return TensorMap(Labels.single(), [block])
+    return TensorMap(Labels.single().to(values.device), [block])
 
 
 def as_maps(pred, target, mask):
@@ -447,3 +449,46 @@ def test_cuda_steady_state_makes_no_host_sync():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.testing.assert_close(value.cpu(), expected.mean(), rtol=1e-10, atol=0)
+
+
+# -- compiled core -----------------------------------------------------------------------
+def test_core_compiles_with_fullgraph():
+    pred, target, mask = random_case(5, 64, 7, True, seed=2)
+    kwargs = dict(extra_targets=7, grid_spacing=0.05, grad_weight=1e-4, int_weight=2.0)
+    compiled = torch.compile(masked_dos_loss, fullgraph=True, backend="aot_eager")
+    eager_pred, compiled_pred = pred.clone().requires_grad_(), pred.clone().requires_grad_()
+    expected = masked_dos_loss(eager_pred, target, mask, **kwargs)
+    value = compiled(compiled_pred, target, mask, **kwargs)
+    torch.testing.assert_close(value, expected, rtol=1e-12, atol=0)
+    expected.sum().backward()
+    value.sum().backward()
+    torch.testing.assert_close(compiled_pred.grad, eager_pred.grad, rtol=1e-12, atol=1e-15)
+
+
+def test_loss_module_compile_cores(monkeypatch):
+    from pl_mtt import LossModule
+    from pl_mtt.losses import base
+
+    calls = []
+    real_compile = torch.compile
+
+    def recording_compile(function, **kwargs):
+        calls.append((function, kwargs))
+        return real_compile(function, fullgraph=kwargs["fullgraph"], backend="aot_eager")
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    base._compiled.cache_clear()
+    loss = {NAME: {"type": "masked_dos", "extra_targets": 7}, "energy": "mse"}
+    targets = {NAME: {}, "energy": {}}
+    eager, compiled = LossModule(loss, targets), LossModule(loss, targets)
+    assert compiled.compile_cores("reduce-overhead") == [NAME]  # only DOS has a core
+    pred, target, mask = random_case(4, 32, 7, False, seed=5)
+    maps = as_maps(pred, target, mask)
+    value = compiled.terms[NAME](*maps)
+    torch.testing.assert_close(value, eager.terms[NAME](*maps), rtol=1e-12, atol=0)
+    assert calls == [(masked_dos_loss, {"fullgraph": True, "mode": "reduce-overhead"})]
+    assert compiled.compile_cores(None) == [NAME]
+    assert compiled.terms[NAME].core_function() is masked_dos_loss
+    with pytest.raises(ValueError, match=r"compile mode must be one of \['default'"):
+        compiled.compile_cores("fastest")
+    base._compiled.cache_clear()

@@ -23,6 +23,7 @@ from pl_mtt.functional.pointwise import reduce_total
 from pl_mtt.registry import REQUIRED, get_loss_type, loss_type_names
 
 __all__ = [
+    "COMPILE_MODES",
     "LossTerm",
     "ValueCache",
     "block_name",
@@ -128,12 +129,26 @@ class ValueCache:
         return entry[1], entry[2]
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+"""The ``torch.compile`` modes :meth:`LossTerm.compile_core` accepts."""
+
+
+@cache
+def _compiled(core: Callable[..., torch.Tensor], mode: str) -> Callable[..., torch.Tensor]:
+    """``torch.compile(core, fullgraph=True, mode=mode)``, made once per (core, mode)."""
+    return torch.compile(core, fullgraph=True, mode=mode)
+
+
 class LossTerm(torch.nn.Module):
     """One loss term on one target (``gradient=None``) or one of its gradients.
 
     Subclasses that read another output than the target's own (ensembles) override
-    :attr:`prediction_key`.
+    :attr:`prediction_key`. Subclasses whose computation is one functional core on
+    plain tensors name it in :attr:`core`; :meth:`compile_core` can then compile it.
     """
+
+    core: Callable[..., torch.Tensor] | None = None
+    """The functional core (plain tensors in, tensor out), or None."""
 
     def __init__(
         self,
@@ -148,7 +163,32 @@ class LossTerm(torch.nn.Module):
         self.gradient = gradient
         self.weight = float(weight)
         self.reduction = reduction
+        self.compile_mode: str | None = None
         self._checked_layouts: set[Hashable] = set()
+
+    # -- compilation ------------------------------------------------------------------
+    def compile_core(self, mode: str | None = "default") -> bool:
+        """Compute this term's :attr:`core` through ``torch.compile(fullgraph=True,
+        mode=mode)`` (``None``: eager again). Returns whether the term has a core.
+
+        The TensorMap adapter stays eager; only the core is compiled, on its first call
+        (and again for each new input shape). Worth it on GPUs, where the core's many
+        small kernels are launch-bound.
+        """
+        if mode is not None and mode not in COMPILE_MODES:
+            raise ValueError(
+                f"compile mode must be one of {list(COMPILE_MODES)} or None, got {mode!r}"
+            )
+        if self.core is None:
+            return False
+        self.compile_mode = mode
+        return True
+
+    def core_function(self) -> Callable[..., torch.Tensor]:
+        """:attr:`core`, compiled if :meth:`compile_core` asked for it."""
+        if self.compile_mode is None:
+            return type(self).core
+        return _compiled(type(self).core, self.compile_mode)
 
     # -- what the term reads -------------------------------------------------------
     @property
