@@ -115,8 +115,10 @@ def split_dos_inputs(
 
 def _trapezoid_weights(n: int, like: torch.Tensor) -> torch.Tensor:
     weights = torch.ones(n, dtype=like.dtype, device=like.device)
-    weights[0] = 0.5
-    weights[-1] = 0.5
+    # fill_ with a Python number launches a kernel; `weights[0] = 0.5` would copy a CPU
+    # scalar tensor to the device and synchronise
+    weights[:1].fill_(0.5)
+    weights[-1:].fill_(0.5)
     return weights
 
 
