@@ -56,18 +56,25 @@ def naive_dos_loss(
     return (masked + GRAD_WEIGHT * smooth + INT_WEIGHT * integrated).mean()
 
 
-def ours_dos_loss(
-    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, extra_targets: int
-) -> torch.Tensor:
-    return masked_dos_loss(
-        pred,
-        target,
-        mask,
-        extra_targets=extra_targets,
-        grid_spacing=GRID_SPACING,
-        grad_weight=GRAD_WEIGHT,
-        int_weight=INT_WEIGHT,
-    ).mean()
+def mean_loss(core=masked_dos_loss):
+    """The benchmark's loss through ``core`` (the functional masked_dos, or a compiled
+    version of it): mean over structures."""
+
+    def loss(pred, target, mask, extra_targets: int) -> torch.Tensor:
+        return core(
+            pred,
+            target,
+            mask,
+            extra_targets=extra_targets,
+            grid_spacing=GRID_SPACING,
+            grad_weight=GRAD_WEIGHT,
+            int_weight=INT_WEIGHT,
+        ).mean()
+
+    return loss
+
+
+ours_dos_loss = mean_loss()
 
 
 def dos_batch(batch: int, width: int, extra_targets: int, device: torch.device):
@@ -118,18 +125,7 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
         )
     if device.type == "cuda":  # the launch-bound core compiled, with CUDA graphs
         compiled = torch.compile(masked_dos_loss, fullgraph=True, mode="reduce-overhead")
-
-        def compiled_loss(pred, target, mask, extra_targets):
-            return compiled(
-                pred,
-                target,
-                mask,
-                extra_targets=extra_targets,
-                grid_spacing=GRID_SPACING,
-                grad_weight=GRAD_WEIGHT,
-                int_weight=INT_WEIGHT,
-            ).mean()
-
+        compiled_loss = mean_loss(compiled)
         result.append(
             Case(
                 benchmark="masked_dos",
