@@ -34,7 +34,7 @@ from metatensor.torch import Labels, TensorBlock, TensorMap
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harness import Case, main_for, parse_args
+from harness import Case, main_for, one_thread, parse_args
 
 from pl_mtt.functional.ensemble import empirical_crps
 from pl_mtt.loss_module import LossModule
@@ -101,21 +101,7 @@ def naive_mlip_loss(predictions, targets, config) -> torch.Tensor:
     return total
 
 
-def _one_thread(step):
-    """Run ``step`` with one torch thread (restored afterwards)."""
-
-    def run():
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return step()
-        finally:
-            torch.set_num_threads(threads)
-
-    return run
-
-
-def mlip_case(device: torch.device, quick: bool, one_thread: bool = False) -> Case:
+def mlip_case(device: torch.device, quick: bool, single_thread: bool = False) -> Case:
     n_systems, n_atoms = (4, 8) if quick else (32, 64)
     generator = torch.Generator().manual_seed(0)
     dtype = torch.float64
@@ -150,9 +136,9 @@ def mlip_case(device: torch.device, quick: bool, one_thread: bool = False) -> Ca
     torch.testing.assert_close(
         module(predictions, targets), naive_mlip_loss(predictions, targets, module.config)
     )
-    threads = ", 1 thread" if one_thread else ""
-    if one_thread:
-        baseline, ours = _one_thread(baseline), _one_thread(ours)
+    threads = ", 1 thread" if single_thread else ""
+    if single_thread:
+        baseline, ours = one_thread(baseline), one_thread(ours)
     return Case(
         "losses",
         f"mlip E+F+S mse fwd+bwd ({n_systems}x{n_atoms} atoms, float64{threads})",
@@ -206,7 +192,7 @@ def crps_case(device: torch.device, quick: bool, n_members: int) -> Case:
 def cases(device: torch.device, quick: bool) -> list[Case]:
     mlip = [mlip_case(device, quick)]
     if device.type == "cpu":
-        mlip.append(mlip_case(device, quick, one_thread=True))
+        mlip.append(mlip_case(device, quick, single_thread=True))
     return [*mlip, crps_case(device, quick, 64), crps_case(device, quick, 256)]
 
 

@@ -17,7 +17,7 @@ energy, per-type means for the invariant per-atom blocks) and all full scales.
 - pl_mtt: :func:`pl_mtt.fit_pass.fit_pass` (one pass, ``index_add_`` over rows, sums
   around a shift, residual moments by algebra).
 
-Both are measured with one torch thread (see ``_one_thread``). Targets: >= 5x faster at
+Both are measured with one torch thread (see ``one_thread``). Targets: >= 5x faster at
 80 types; pl_mtt at 80 types <= 1.2x its time at 10 types (the
 ``own time`` row: naive column = pl_mtt at 10 types, pl_mtt column = pl_mtt at 80 types,
 so its "speedup" must be >= 0.83).
@@ -35,7 +35,7 @@ from metatomic.torch import System
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harness import Case, main_for
+from harness import Case, main_for, one_thread
 
 from pl_mtt.composition import CompositionModel
 from pl_mtt.fit_pass import fit_pass
@@ -207,22 +207,6 @@ def _check_agreement(batches, atomic_types, layouts) -> None:
             torch.testing.assert_close(got[seen], expected[seen], rtol=1e-9, atol=0)
 
 
-def _one_thread(step):
-    """Run ``step`` with one torch thread (restored afterwards): the fit is a sequence of
-    small operations, and on a shared machine a stalled pool thread makes every one of
-    them wait; both implementations are measured the same way."""
-
-    def run():
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return step()
-        finally:
-            torch.set_num_threads(threads)
-
-    return run
-
-
 def cases(device: torch.device, quick: bool) -> list[Case]:
     if device.type != "cpu":
         print("bench_scaler: the fit pass reads CPU batches; measuring on CPU")
@@ -239,8 +223,8 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
             Case(
                 "scaler",
                 f"fit {n_systems}x{n_atoms} atoms, {n_types} types",
-                baseline=_one_thread(lambda d=data, t=atomic_types: naive_fit(d, t)),
-                ours=_one_thread(lambda d=data, t=atomic_types, lay=layouts: ours_fit(d, t, lay)),
+                baseline=one_thread(lambda d=data, t=atomic_types: naive_fit(d, t)),
+                ours=one_thread(lambda d=data, t=atomic_types, lay=layouts: ours_fit(d, t, lay)),
                 target=">= 5x at 80 types",
                 repeats=5 if not quick else 2,
                 warmup=1,
@@ -250,8 +234,8 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
         Case(
             "scaler",
             "own time: 10 types (naive column) vs 80 types (pl_mtt column)",
-            baseline=_one_thread(lambda: ours_fit(*own[10])),
-            ours=_one_thread(lambda: ours_fit(*own[80])),
+            baseline=one_thread(lambda: ours_fit(*own[10])),
+            ours=one_thread(lambda: ours_fit(*own[80])),
             target="speedup >= 0.83 (80 types <= 1.2x 10 types)",
             repeats=5 if not quick else 2,
             warmup=1,

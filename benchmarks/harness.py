@@ -138,6 +138,23 @@ def measure(
     return statistics.median(times), peak_extra_memory(step, device)
 
 
+def one_thread(step: Callable[[], object]) -> Callable[[], object]:
+    """``step`` run with one torch thread (the count is restored afterwards).
+
+    A step of many small operations waits on every stalled pool thread of a shared
+    machine; measuring both implementations this way compares their own work."""
+
+    def run() -> object:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return step()
+        finally:
+            torch.set_num_threads(threads)
+
+    return run
+
+
 def compare(case: Case, device: torch.device) -> Row:
     """Measure the baseline and pl_mtt steps of ``case`` one after the other."""
     baseline_s, baseline_bytes = measure(case.baseline, device, case.repeats, case.warmup)
