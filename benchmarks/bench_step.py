@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -86,38 +87,55 @@ def setup(device: torch.device, quick: bool) -> SimpleNamespace:
     )
 
 
+def step_stages(parts: SimpleNamespace, batch: tuple) -> list[tuple[str, Callable[[], None]]]:
+    """pl_mtt's part of a training step on ``batch``, as named stages run in order.
+
+    The model's forward runs here, before the stages; the last stage is the backward.
+    """
+    systems, targets, extra_data = batch
+    outputs = parts.model(systems)
+    state = {}
+
+    def prepare() -> None:
+        state["pair"] = scaling.prepare_for_loss(parts.holder, systems, outputs, targets)
+
+    def loss_forward() -> None:
+        state["loss"] = parts.loss(*state["pair"], extra_data, systems)
+
+    def metrics_update() -> None:
+        with torch.no_grad():
+            physical = scaling.for_metrics(systems, *state["pair"], parts.scaler)
+            parts.metrics.update(*physical, systems)
+
+    def backward() -> None:
+        state["loss"].backward()
+
+    return [
+        ("prepare_for_loss (baseline, division by atoms, scales)", prepare),
+        ("LossModule forward", loss_forward),
+        ("for_metrics + metrics update", metrics_update),
+        ("backward", backward),
+    ]
+
+
 def cases(device: torch.device, quick: bool) -> list[Case]:
     parts = setup(device, quick)
-    batches, holder, loss, metrics, model = (
-        parts.batches,
-        parts.holder,
-        parts.loss,
-        parts.metrics,
-        parts.model,
-    )
-    scaler = parts.scaler
     # each step takes the next batch (as training does: nothing cached across steps);
     # both sides see the same sequence
     n_atoms = [
-        torch.tensor([[len(s)] for s in b[0]], dtype=torch.float64, device=device) for b in batches
+        torch.tensor([[len(s)] for s in b[0]], dtype=torch.float64, device=device)
+        for b in parts.batches
     ]
-    bare_batches = itertools.cycle(list(zip(batches, n_atoms, strict=True)))
-    our_batches = itertools.cycle(batches)
+    bare_batches = itertools.cycle(list(zip(parts.batches, n_atoms, strict=True)))
+    our_batches = itertools.cycle(parts.batches)
 
     def bare() -> None:
         (systems, targets, _), atoms = next(bare_batches)
-        _bare_loss(model(systems), targets, atoms).backward()
+        _bare_loss(parts.model(systems), targets, atoms).backward()
 
     def ours() -> None:
-        systems, targets, extra_data = next(our_batches)
-        predictions, loss_targets = scaling.prepare_for_loss(
-            holder, systems, model(systems), targets
-        )
-        value = loss(predictions, loss_targets, extra_data, systems)
-        with torch.no_grad():
-            physical = scaling.for_metrics(systems, predictions, loss_targets, scaler)
-            metrics.update(*physical, systems)
-        value.backward()
+        for _, run in step_stages(parts, next(our_batches)):
+            run()
 
     return [
         Case(

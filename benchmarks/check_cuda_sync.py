@@ -22,36 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench_step import setup
-
-from pl_mtt import scaling
-
-
-def stages(parts, batch):
-    systems, targets, extra_data = batch
-    outputs = parts.model(systems)
-    state = {}
-
-    def prepare():
-        state["pair"] = scaling.prepare_for_loss(parts.holder, systems, outputs, targets)
-
-    def loss_forward():
-        state["loss"] = parts.loss(*state["pair"], extra_data, systems)
-
-    def metrics_update():
-        with torch.no_grad():
-            physical = scaling.for_metrics(systems, *state["pair"], parts.scaler)
-            parts.metrics.update(*physical, systems)
-
-    def backward():
-        state["loss"].backward()
-
-    return [
-        ("prepare_for_loss (baseline, division by atoms, scales)", prepare),
-        ("LossModule forward", loss_forward),
-        ("for_metrics + metrics update", metrics_update),
-        ("backward", backward),
-    ]
+from bench_step import setup, step_stages
 
 
 def main() -> int:
@@ -61,12 +32,12 @@ def main() -> int:
     device = torch.device("cuda")
     parts = setup(device, quick=False)
     for batch in parts.batches:  # warm-up: one full check per layout
-        for _, run in stages(parts, batch):
+        for _, run in step_stages(parts, batch):
             run()
     torch.cuda.synchronize()
     failures = 0
     for batch in parts.batches:
-        for name, run in stages(parts, batch):
+        for name, run in step_stages(parts, batch):
             torch.cuda.synchronize()
             torch.cuda.set_sync_debug_mode("error")
             try:
