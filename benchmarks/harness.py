@@ -121,20 +121,21 @@ def peak_extra_memory(step: Callable[[], object], device: torch.device) -> int:
     return max(peak - before, 0)
 
 
+def _timed(step: Callable[[], object], device: torch.device) -> float:
+    _synchronize(device)
+    start = time.perf_counter()
+    step()
+    _synchronize(device)
+    return time.perf_counter() - start
+
+
 def measure(
     step: Callable[[], object], device: torch.device, repeats: int = 10, warmup: int = 2
 ) -> tuple[float, int]:
     """Median wall time of ``step`` (seconds) and its peak extra memory (bytes)."""
     for _ in range(warmup):
         step()
-    _synchronize(device)
-    times = []
-    for _ in range(repeats):
-        _synchronize(device)
-        start = time.perf_counter()
-        step()
-        _synchronize(device)
-        times.append(time.perf_counter() - start)
+    times = [_timed(step, device) for _ in range(repeats)]
     return statistics.median(times), peak_extra_memory(step, device)
 
 
@@ -156,11 +157,23 @@ def one_thread(step: Callable[[], object]) -> Callable[[], object]:
 
 
 def compare(case: Case, device: torch.device) -> Row:
-    """Measure the baseline and pl_mtt steps of ``case`` one after the other."""
-    baseline_s, baseline_bytes = measure(case.baseline, device, case.repeats, case.warmup)
-    ours_s, ours_bytes = measure(case.ours, device, case.repeats, case.warmup)
+    """Measure the baseline and pl_mtt steps of ``case`` alternately (one call of each
+    per repeat, so that both see the same machine load), then their peak memory."""
+    for _ in range(case.warmup):
+        case.baseline()
+        case.ours()
+    baseline_times, ours_times = [], []
+    for _ in range(case.repeats):
+        baseline_times.append(_timed(case.baseline, device))
+        ours_times.append(_timed(case.ours, device))
     return Row(
-        case.benchmark, case.case, baseline_s, ours_s, baseline_bytes, ours_bytes, case.target
+        case.benchmark,
+        case.case,
+        statistics.median(baseline_times),
+        statistics.median(ours_times),
+        peak_extra_memory(case.baseline, device),
+        peak_extra_memory(case.ours, device),
+        case.target,
     )
 
 

@@ -59,11 +59,15 @@ def run(device: torch.device, quick: bool, only: list[str] | None = None) -> str
 
 
 def merge_section(existing: str, section: str) -> str:
-    """Replace the section with the same ``## device`` title, or append it."""
+    """Replace the section with the same ``## device`` title in place, or append it."""
     title = section.splitlines()[0]
-    parts = re.split(r"(?m)^(?=## )", existing)
-    kept = [part for part in parts[1:] if part.splitlines()[0] != title]
-    return HEADER + "\n" + "\n".join(p.rstrip() + "\n" for p in [*kept, section])
+    parts = re.split(r"(?m)^(?=## )", existing)[1:]
+    titles = [part.splitlines()[0] for part in parts]
+    if title in titles:
+        parts[titles.index(title)] = section
+    else:
+        parts.append(section)
+    return HEADER + "\n" + "\n".join(p.rstrip() + "\n" for p in parts)
 
 
 def main() -> None:

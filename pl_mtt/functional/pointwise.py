@@ -30,6 +30,7 @@ __all__ = [
     "pointwise_loss",
     "pointwise_segment_sums",
     "pointwise_sum_and_count",
+    "pointwise_total",
     "reduce_total",
 ]
 
@@ -116,8 +117,15 @@ def pointwise_sum_and_count(
     tensor; when nothing counts the sum is an exact zero that keeps the autograd path.
     """
     difference, ignored = masked_difference(prediction, target, mask)
-    total = pointwise_elementwise(difference, kind, delta).sum()
-    return total, count_kept(ignored)
+    return pointwise_total(difference, kind, delta), count_kept(ignored)
+
+
+def pointwise_total(difference: torch.Tensor, kind: str, delta: float = 1.0) -> torch.Tensor:
+    """Sum of :func:`pointwise_elementwise` over all entries (``mse``: one dot product)."""
+    if kind == "mse":
+        flat = difference.reshape(-1)
+        return torch.dot(flat, flat)
+    return pointwise_elementwise(difference, kind, delta).sum()
 
 
 class _SegmentSums(torch.autograd.Function):
@@ -138,7 +146,7 @@ class _SegmentSums(torch.autograd.Function):
         for prediction, target, mask in zip(predictions, targets, masks, strict=True):
             difference, ignored = masked_difference(prediction, target, mask)
             differences.append(difference)
-            sums.append(pointwise_elementwise(difference, kind, delta).sum())
+            sums.append(pointwise_total(difference, kind, delta))
             counts.append(count_kept(ignored))
         counts_t = torch.stack(counts)
         ctx.mark_non_differentiable(counts_t)
