@@ -161,7 +161,8 @@ VARIANTS = {
     "core": (", pl_mtt: functional core only", core_mlip_loss),
     "bare": (", bare lower bound instead of pl_mtt", bare_mlip_loss),
 }
-"""MLIP rows: the LossModule, its functional core alone, the bare lower bound."""
+"""MLIP rows, name -> (case-name suffix, loss; None: the LossModule): the LossModule,
+its functional core alone, the bare lower bound."""
 
 
 def mlip_case(
@@ -191,6 +192,8 @@ def mlip_case(
         )
     }
     module = LossModule(MLIP_LOSS, MLIP_TARGETS).to(device)
+    suffix, loss = VARIANTS[variant]
+    loss = loss or module
 
     def set_gradients_to_none():  # what optimizer.zero_grad() does every training step
         for leaf in leaves:
@@ -201,27 +204,18 @@ def mlip_case(
         set_gradients_to_none()
 
     def ours():
-        module(predictions, targets).backward()
+        loss(predictions, targets).backward()
         set_gradients_to_none()
 
-    label, loss = VARIANTS[variant]
-    if loss is not None:
-
-        def ours():
-            loss(predictions, targets).backward()
-            set_gradients_to_none()
-
-    expected = naive_mlip_loss(predictions, targets, module.config)
-    torch.testing.assert_close(module(predictions, targets), expected)
-    if loss is not None:
-        torch.testing.assert_close(loss(predictions, targets), expected)
-    threads = ", 1 thread" if single_thread else ""
-    threads += label
+    torch.testing.assert_close(
+        loss(predictions, targets), naive_mlip_loss(predictions, targets, module.config)
+    )
+    suffix = (", 1 thread" if single_thread else "") + suffix
     if single_thread:
         baseline, ours = one_thread(baseline), one_thread(ours)
     return Case(
         "losses",
-        f"mlip E+F+S mse fwd+bwd ({n_systems}x{n_atoms} atoms, float64{threads})",
+        f"mlip E+F+S mse fwd+bwd ({n_systems}x{n_atoms} atoms, float64{suffix})",
         baseline,
         ours,
         target="≥ 3× (CPU)",

@@ -2,7 +2,7 @@
 
 A benchmark module ``bench_<topic>.py`` defines ``cases(device, quick) -> list[Case]``;
 each case holds a naive spec-derived step and the ``pl_mtt`` step, both closures over
-inputs prepared once. :func:`compare` measures both in the same run and returns a row
+inputs prepared once. :func:`compare` times both alternately and returns a row
 with times, peak extra memory and the ratios. ``python benchmarks/run_all.py`` runs
 every module and writes ``benchmarks/RESULTS.md``; each module also runs on its own.
 
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["Case", "Row", "compare", "device_name", "main_for", "markdown_table", "measure"]
+__all__ = ["Case", "Row", "compare", "device_name", "main_for", "markdown_table"]
 
 
 @dataclass
@@ -127,16 +127,6 @@ def _timed(step: Callable[[], object], device: torch.device) -> float:
     step()
     _synchronize(device)
     return time.perf_counter() - start
-
-
-def measure(
-    step: Callable[[], object], device: torch.device, repeats: int = 10, warmup: int = 2
-) -> tuple[float, int]:
-    """Median wall time of ``step`` (seconds) and its peak extra memory (bytes)."""
-    for _ in range(warmup):
-        step()
-    times = [_timed(step, device) for _ in range(repeats)]
-    return statistics.median(times), peak_extra_memory(step, device)
 
 
 def one_thread(step: Callable[[], object]) -> Callable[[], object]:
