@@ -26,7 +26,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]  # the harness; this checkout of pl
 
 from harness import Case, main_for  # noqa: E402
 
-from pl_mtt.functional.dos import masked_dos_loss  # noqa: E402
+from pl_mtt.losses.functional.dos import masked_dos_loss  # noqa: E402
 
 GRID_SPACING = 0.05
 GRAD_WEIGHT = 1e-4

@@ -41,10 +41,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from harness import Case, main_for, one_thread, parse_args
 
-from pl_mtt.functional.ensemble import empirical_crps
-from pl_mtt.functional.pointwise import pointwise_segment_sums
 from pl_mtt.loss_module import LossModule
 from pl_mtt.losses.base import read_values
+from pl_mtt.losses.functional.ensemble import empirical_crps
+from pl_mtt.losses.functional.pointwise import pointwise_segment_sums
 
 MLIP_LOSS = {"energy": {"type": "mse", "forces": "mse", "stress": "mse"}}
 MLIP_TARGETS = {"energy": {"quantity": "energy", "forces": True, "stress": True}}

@@ -14,7 +14,7 @@ energy, per-type means for the invariant per-atom blocks) and all full scales.
 - naive: the spec read literally. Pass 1 builds type counts and per-type sums with one
   boolean mask per atomic type, solves the baseline; pass 2 removes it and accumulates
   squares per type, again one mask per type.
-- pl_mtt: :func:`pl_mtt.fit_pass.fit_pass` (one pass, ``index_add_`` over rows, sums
+- pl_mtt: :func:`pl_mtt.scaling.fit.fit_pass` (one pass, ``index_add_`` over rows, sums
   around a shift, residual moments by algebra).
 
 Both are measured with one torch thread (see ``one_thread``). Targets: >= 5x faster at
@@ -37,9 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from harness import Case, main_for, one_thread
 
-from pl_mtt.composition import CompositionModel
-from pl_mtt.fit_pass import fit_pass
-from pl_mtt.scaler import Scaler
+from pl_mtt.scaling.composition import CompositionModel
+from pl_mtt.scaling.fit import fit_pass
+from pl_mtt.scaling.scaler import Scaler
 from pl_mtt.tensormaps import zero_sample_layout
 
 LAMBDAS = (0, 1, 2)

@@ -36,8 +36,8 @@ from harness import Case, main_for
 
 from pl_mtt import CompositionModel, LossModule, Scaler, fit_pass, scaling
 from pl_mtt.data import AtomisticDataModule, batch_to
-from pl_mtt.metrics import PhysicalMetrics, metric_specs
 from pl_mtt.models import RadialMLP
+from pl_mtt.training.metrics import PhysicalMetrics, metric_specs
 
 LOSS = {"energy": {"type": "mse", "forces": "mse", "stress": "mse"}}
 

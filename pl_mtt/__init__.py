@@ -1,21 +1,23 @@
 """pl_mtt: metatrain's loss functions and target scaling for PyTorch Lightning.
 
-- :func:`expand_loss_config`: every loss-config form of the spec -> the internal form;
+- :func:`expand_loss_config` (:mod:`pl_mtt.config`): every loss-config form of the spec
+  -> the internal form; loss types live in :mod:`pl_mtt.registry` and :mod:`pl_mtt.losses`;
 - :class:`LossModule`: the weighted loss a ``training_step`` calls;
-- :class:`Scaler`, :class:`CompositionModel`, :mod:`pl_mtt.scaling`: target scaling;
-- :class:`ScalerCallback`: fits them in one sharded pass before training;
-- :class:`AtomisticTask`: a ready LightningModule; ``python -m pl_mtt.train``: the app.
+- :mod:`pl_mtt.scaling`: :class:`Scaler`, :class:`CompositionModel`, their one-pass fit
+  and the pipeline between data, model and loss;
+- :mod:`pl_mtt.training`: :class:`ScalerCallback`, :class:`AtomisticTask`, metrics and
+  the Hydra app (``python -m pl_mtt.train``);
+- :mod:`pl_mtt.data`, :mod:`pl_mtt.models`: readers and datamodule, reference models;
+- :mod:`pl_mtt.tensormaps`: helpers on metatensor objects.
 """
 
-from pl_mtt import scaling
-from pl_mtt.callbacks import ScalerCallback
-from pl_mtt.composition import CompositionModel
+from pl_mtt import _legacy_paths, scaling
 from pl_mtt.config import expand_loss_config
-from pl_mtt.fit_pass import fit_pass
 from pl_mtt.loss_module import LossModule
-from pl_mtt.metrics import PhysicalMetrics
-from pl_mtt.scaler import Scaler
-from pl_mtt.task import AtomisticTask, InferenceModel
+from pl_mtt.scaling import CompositionModel, Scaler, fit_pass
+from pl_mtt.training import AtomisticTask, InferenceModel, PhysicalMetrics, ScalerCallback
+
+_legacy_paths.install()
 
 __all__ = [
     "AtomisticTask",

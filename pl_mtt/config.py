@@ -28,12 +28,13 @@ default filled in, or raises a ``ValueError`` naming the offending key path.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pl_mtt.registry import PARAM_KINDS, REQUIRED, LossType, get_loss_type, loss_type_names
 
 __all__ = [
+    "check_known_keys",
     "expand_loss_config",
     "gradient_alias",
     "is_energy_like",
@@ -61,13 +62,26 @@ def to_plain(value: Any) -> Any:
     return value
 
 
-def _suggest(word: Any, choices: list[str]) -> str:
-    close = difflib.get_close_matches(str(word), choices, n=1, cutoff=0.5)
+def _suggest(word: Any, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.5)
     return f" Did you mean '{close[0]}'?" if close else ""
 
 
-def _expected_list(choices: list[str]) -> str:
+def _expected_list(choices: Sequence[str]) -> str:
     return ", ".join(f"'{c}'" for c in choices)
+
+
+def check_known_keys(
+    mapping: Mapping[str, Any], valid: Sequence[str], path: str, what: str = "key"
+) -> None:
+    """Raise a ``ValueError`` for the first key of ``mapping`` not in ``valid``, naming
+    its path (``<path>.<key>``), the valid keys and the closest one."""
+    for key in mapping:
+        if key not in valid:
+            raise ValueError(
+                f"{path}.{key}: unknown {what}; valid: {_expected_list(valid)}."
+                f"{_suggest(key, valid)}"
+            )
 
 
 def is_energy_like(name: str, options: Mapping[str, Any] | None) -> bool:

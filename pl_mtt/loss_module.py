@@ -28,7 +28,7 @@ from torchmetrics import Metric
 
 from pl_mtt.config import expand_loss_config, gradient_alias, to_plain
 from pl_mtt.losses.base import LossTerm, ValueCache, create_loss
-from pl_mtt.tensormaps import ensemble_output_name
+from pl_mtt.tensormaps.builders import TensorMaps, ensemble_output_name
 
 __all__ = ["LossAggregate", "LossModule"]
 
@@ -171,9 +171,9 @@ class _Step:
 
 def _single_sum_and_count(
     terms: list[LossTerm],
-    predictions: dict[str, TensorMap],
-    targets: dict[str, TensorMap],
-    extra_data: dict[str, TensorMap] | None,
+    predictions: TensorMaps,
+    targets: TensorMaps,
+    extra_data: TensorMaps | None,
     cache: ValueCache,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     total, count = terms[0].sum_and_count(predictions, targets, extra_data)
@@ -288,9 +288,9 @@ class LossModule(torch.nn.Module):
     # -- the loss ------------------------------------------------------------------------
     def forward(
         self,
-        predictions: dict[str, TensorMap],
-        targets: dict[str, TensorMap],
-        extra_data: dict[str, TensorMap] | None = None,
+        predictions: TensorMaps,
+        targets: TensorMaps,
+        extra_data: TensorMaps | None = None,
         systems: list | None = None,
     ) -> torch.Tensor:
         """The weighted sum of the terms (differentiable)."""
@@ -402,10 +402,10 @@ class LossModule(torch.nn.Module):
 
     def _apply_property_scales(
         self,
-        predictions: dict[str, TensorMap],
-        targets: dict[str, TensorMap],
+        predictions: TensorMaps,
+        targets: TensorMaps,
         systems: list | None,
-    ) -> dict[str, TensorMap]:
+    ) -> TensorMaps:
         """Predictions of multi-property targets (and their ensemble outputs, per
         member) times the scaler's per-property scales; a new dict.
 
@@ -459,7 +459,7 @@ def _world_size() -> int:
     return 1
 
 
-def _zero_like(predictions: dict[str, TensorMap], fallback: torch.Tensor) -> torch.Tensor:
+def _zero_like(predictions: TensorMaps, fallback: torch.Tensor) -> torch.Tensor:
     """An exact zero connected to the predictions' autograd graph (when there is one)."""
     for tensor_map in predictions.values():
         for block in tensor_map.blocks():

@@ -1,8 +1,9 @@
 """The registry of loss types: name -> factory, parameters with defaults, reductions.
 
-This module sits at the bottom of the package: :mod:`pl_mtt.config` validates loss
-configurations against it and :mod:`pl_mtt.losses` fills it. A user-defined loss type
-registered here validates and expands from YAML exactly like a built-in one:
+This module sits at the bottom of the package and imports nothing of it:
+:mod:`pl_mtt.config` validates loss configurations against it, and the loss families
+register themselves when :mod:`pl_mtt.losses` is imported (``import pl_mtt`` does). A
+user-defined loss type registered here validates and expands from YAML exactly like a built-in one:
 
 .. code-block:: python
 
@@ -169,18 +170,11 @@ def unregister_loss_type(name: str) -> None:
     _LOSS_TYPES.pop(name, None)
 
 
-def _ensure_builtins() -> None:
-    # importing pl_mtt.losses registers the built-in types
-    import pl_mtt.losses  # noqa: F401
-
-
 def get_loss_type(name: str) -> LossType:
     """The registered loss type ``name``; ``KeyError`` if there is none."""
-    _ensure_builtins()
     return _LOSS_TYPES[name]
 
 
 def loss_type_names() -> list[str]:
     """Names of all registered loss types, sorted."""
-    _ensure_builtins()
     return sorted(_LOSS_TYPES)

@@ -1,4 +1,4 @@
-"""TorchScript kernels of pl_mtt.block_ops: hand-computed cases, and the same results
+"""TorchScript kernels of pl_mtt.tensormaps.block_ops: hand-computed cases, and the same results
 from their plain-Python versions (what runs if TorchScript cannot compile them)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 
 from losses_data import shuffled_energy
 
-from pl_mtt.block_ops import flat_values, shape_signature, transform_map
+from pl_mtt.tensormaps.block_ops import flat_values, shape_signature, transform_map
 
 
 def _labels(names, values):

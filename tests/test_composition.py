@@ -18,9 +18,9 @@ from scaler_reference import (
     residual_batches,
 )
 
-from pl_mtt.composition import CompositionModel
-from pl_mtt.fit_pass import fit_pass
-from pl_mtt.scaler import Scaler
+from pl_mtt.scaling.composition import CompositionModel
+from pl_mtt.scaling.fit import fit_pass
+from pl_mtt.scaling.scaler import Scaler
 
 TYPES = [1, 6, 8]
 TARGETS = ("energy", "mtt::charge", "mtt::multi", "mtt::dos")

@@ -12,9 +12,9 @@ from metatensor.torch import Labels, TensorBlock, TensorMap
 from omegaconf import OmegaConf
 
 from pl_mtt.config import expand_loss_config
-from pl_mtt.functional.dos import dos_alignment_shifts, masked_dos_loss
 from pl_mtt.losses import create_loss
 from pl_mtt.losses.dos import MaskedDOSLoss
+from pl_mtt.losses.functional.dos import dos_alignment_shifts, masked_dos_loss
 
 NAME = "mtt::dos"
 F64 = torch.float64

@@ -8,7 +8,8 @@ import pytest
 import torch
 from metatensor.torch import Labels, TensorBlock, TensorMap
 
-from pl_mtt.functional.ensemble import (
+from pl_mtt.losses import create_loss
+from pl_mtt.losses.functional.ensemble import (
     empirical_crps,
     ensemble_loss,
     ensemble_mean_and_variance,
@@ -16,7 +17,6 @@ from pl_mtt.functional.ensemble import (
     gaussian_crps,
     gaussian_nll,
 )
-from pl_mtt.losses import create_loss
 from tests.scripts.losses_data import (
     energy_map,
     labels,

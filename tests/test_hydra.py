@@ -9,8 +9,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from pl_mtt import expand_loss_config
-from pl_mtt.schema import register_configs
-from pl_mtt.train import config_dir, merge_loss_shorthand_overrides, training_targets
+from pl_mtt.training.app import config_dir, merge_loss_shorthand_overrides, training_targets
+from pl_mtt.training.schema import register_configs
 
 MSE = {"type": "mse", "weight": 1.0, "reduction": "mean"}
 

@@ -9,7 +9,7 @@ import torch
 from metatensor.torch import Labels, TensorBlock, TensorMap
 from metatomic.torch import System
 
-from pl_mtt.metrics import PhysicalMetrics, metric_specs
+from pl_mtt.training.metrics import PhysicalMetrics, metric_specs
 
 OPTIONS = {"energy": {"quantity": "energy", "unit": "eV", "forces": True, "stress": True}}
 

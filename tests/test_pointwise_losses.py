@@ -8,12 +8,12 @@ import pytest
 import torch
 from metatensor.torch import Labels, TensorBlock, TensorMap
 
-from pl_mtt.functional.pointwise import (
+from pl_mtt.losses import create_loss
+from pl_mtt.losses.functional.pointwise import (
     pointwise_loss,
     pointwise_segment_sums,
     pointwise_sum_and_count,
 )
-from pl_mtt.losses import create_loss
 from tests.scripts.losses_data import (
     energy_map,
     labels,

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from pl_mtt.schema import register_configs
-from pl_mtt.train import config_dir, merge_loss_shorthand_overrides
+from pl_mtt.training.app import config_dir, merge_loss_shorthand_overrides
+from pl_mtt.training.schema import register_configs
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```$", re.S | re.M)

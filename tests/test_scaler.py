@@ -23,7 +23,7 @@ from scaler_data import (
 )
 from scaler_reference import reference_scales
 
-from pl_mtt.scaler import Scaler
+from pl_mtt.scaling.scaler import Scaler
 from pl_mtt.tensormaps import ensemble_output_name
 
 TYPES = [1, 6, 8, 9]  # 9 never appears in the data

@@ -19,11 +19,11 @@ sys.path.insert(0, str(SCRIPTS))
 from scaler_data import collate  # noqa: E402
 from scaler_lightning import TYPES, DataModule, StructureDataset, Task, make_structures  # noqa: E402
 
-from pl_mtt.callbacks import ScalerCallback  # noqa: E402
-from pl_mtt.composition import CompositionModel  # noqa: E402
-from pl_mtt.fit_pass import fit_pass  # noqa: E402
-from pl_mtt.scaler import Scaler  # noqa: E402
+from pl_mtt.scaling.composition import CompositionModel  # noqa: E402
+from pl_mtt.scaling.fit import fit_pass  # noqa: E402
+from pl_mtt.scaling.scaler import Scaler  # noqa: E402
 from pl_mtt.tensormaps import zero_sample_layout  # noqa: E402
+from pl_mtt.training.callbacks import ScalerCallback  # noqa: E402
 
 LOSS_TARGETS = ("energy", "mtt::charge", "mtt::multi")
 

@@ -16,9 +16,9 @@ from losses_data import shuffled_energy
 from scaler_data import ALL_TARGETS, batches, layouts, random_structures
 
 from pl_mtt import scaling
-from pl_mtt.composition import CompositionModel
-from pl_mtt.fit_pass import fit_pass
-from pl_mtt.scaler import Scaler
+from pl_mtt.scaling.composition import CompositionModel
+from pl_mtt.scaling.fit import fit_pass
+from pl_mtt.scaling.scaler import Scaler
 from pl_mtt.tensormaps import ensemble_output_name
 
 TYPES = [1, 6, 8]

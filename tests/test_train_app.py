@@ -14,8 +14,8 @@ from hydra import compose, initialize_config_dir
 
 from pl_mtt import AtomisticTask
 from pl_mtt.data import AtomisticDataModule, collate, embedded_dataset
-from pl_mtt.schema import register_configs
-from pl_mtt.train import config_dir, run
+from pl_mtt.training.app import config_dir, run
+from pl_mtt.training.schema import register_configs
 
 pytestmark = pytest.mark.slow
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from metatensor.torch import Labels, TensorBlock, TensorMap
 
-from pl_mtt.config import to_plain
+from pl_mtt.config import check_known_keys, to_plain
 
 __all__ = ["read_extra_data", "split_by_system"]
 
@@ -56,12 +56,7 @@ def read_extra_data(
         options = {"read_from": str(options)}
     if not isinstance(options, Mapping) or not options.get("read_from"):
         raise ValueError(f"extra_data.{name}: expected a mapping with 'read_from: <file.mts>'")
-    for key in options:
-        if key not in EXTRA_DATA_OPTION_KEYS:
-            raise ValueError(
-                f"extra_data.{name}.{key}: unknown option; valid options: "
-                f"{', '.join(EXTRA_DATA_OPTION_KEYS)}"
-            )
+    check_known_keys(options, EXTRA_DATA_OPTION_KEYS, f"extra_data.{name}", "option")
     if options.get("reader") not in (None, "metatensor"):
         raise ValueError(f"extra_data.{name}.reader: only 'metatensor' (.mts) is available")
     path = Path(options["read_from"])

@@ -17,12 +17,12 @@ from __future__ import annotations
 import torch
 from metatensor.torch import Labels, TensorMap
 
-from pl_mtt.tensormaps import atomistic_tensor_map, range_labels, zero_sample_layout
+from pl_mtt.tensormaps.builders import atomistic_tensor_map, range_labels, zero_sample_layout
 
 __all__ = [
     "property_labels",
     "structure_tensor_map",
-    "zero_sample_layout",  # re-exported from pl_mtt.tensormaps
+    "zero_sample_layout",  # re-exported from pl_mtt.tensormaps.builders
 ]
 
 

@@ -41,7 +41,7 @@ import torch
 from ase.stress import voigt_6_to_full_3x3_stress
 from metatensor.torch import TensorMap
 
-from pl_mtt.config import is_energy_like, to_plain
+from pl_mtt.config import check_known_keys, is_energy_like, to_plain
 from pl_mtt.data.layout import property_labels, structure_tensor_map
 from pl_mtt.data.systems import read_atoms
 
@@ -144,12 +144,7 @@ def resolve_target_options(
     options = to_plain(options) or {}
     if not isinstance(options, Mapping):
         raise ValueError(f"targets.{name}: expected a mapping of options, got {options!r}")
-    for key in options:
-        if key not in TARGET_OPTION_KEYS:
-            raise ValueError(
-                f"targets.{name}.{key}: unknown target option; valid options: "
-                f"{', '.join(TARGET_OPTION_KEYS)}"
-            )
+    check_known_keys(options, TARGET_OPTION_KEYS, f"targets.{name}", "target option")
     if options.get("type", "scalar") != "scalar":
         raise ValueError(
             f"targets.{name}.type: only scalar targets are supported, got {options['type']!r}"

@@ -19,8 +19,9 @@ from functools import cache
 import torch
 from metatensor.torch import TensorBlock, TensorMap
 
-from pl_mtt.functional.pointwise import reduce_total
+from pl_mtt.losses.functional.pointwise import reduce_total
 from pl_mtt.registry import REQUIRED, get_loss_type, loss_type_names
+from pl_mtt.tensormaps.builders import TensorMaps
 
 __all__ = [
     "COMPILE_MODES",
@@ -205,7 +206,7 @@ class LossTerm(torch.nn.Module):
 
     def lookup(
         self,
-        tensors: dict[str, TensorMap] | None,
+        tensors: TensorMaps | None,
         key: str,
         what: str,
     ) -> TensorMap:
@@ -274,10 +275,7 @@ class LossTerm(torch.nn.Module):
 
     # -- computation -----------------------------------------------------------------
     def sum_and_count(
-        self,
-        predictions: dict[str, TensorMap],
-        targets: dict[str, TensorMap],
-        extra_data: dict[str, TensorMap] | None = None,
+        self, predictions: TensorMaps, targets: TensorMaps, extra_data: TensorMaps | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Sum of per-element losses and the number of elements that counted."""
         raise NotImplementedError
@@ -292,9 +290,9 @@ class LossTerm(torch.nn.Module):
     def fused_sum_and_count(
         cls,
         terms: Sequence[LossTerm],
-        predictions: dict[str, TensorMap],
-        targets: dict[str, TensorMap],
-        extra_data: dict[str, TensorMap] | None,
+        predictions: TensorMaps,
+        targets: TensorMaps,
+        extra_data: TensorMaps | None,
         cache: ValueCache,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The :meth:`sum_and_count` of each of ``terms`` (same :attr:`fusion_key`) as
@@ -304,10 +302,7 @@ class LossTerm(torch.nn.Module):
         return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
     def forward(
-        self,
-        predictions: dict[str, TensorMap],
-        targets: dict[str, TensorMap],
-        extra_data: dict[str, TensorMap] | None = None,
+        self, predictions: TensorMaps, targets: TensorMaps, extra_data: TensorMaps | None = None
     ) -> torch.Tensor:
         total, count = self.sum_and_count(predictions, targets, extra_data)
         return reduce_loss(total, count, self.reduction)

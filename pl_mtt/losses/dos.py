@@ -24,10 +24,10 @@ from __future__ import annotations
 import torch
 from metatensor.torch import TensorBlock, TensorMap
 
-from pl_mtt.functional.dos import check_extra_targets, masked_dos_loss
 from pl_mtt.losses.base import LossTerm
+from pl_mtt.losses.functional.dos import check_extra_targets, masked_dos_loss
 from pl_mtt.registry import REQUIRED, Param, register_loss_type
-from pl_mtt.tensormaps import PER_STRUCTURE, layout_signature, sample_kind
+from pl_mtt.tensormaps.builders import PER_STRUCTURE, TensorMaps, layout_signature, sample_kind
 
 __all__ = ["MaskedDOSLoss", "grid_spacing_of"]
 
@@ -182,10 +182,7 @@ class MaskedDOSLoss(LossTerm):
             )
 
     def _values(
-        self,
-        predictions: dict[str, TensorMap],
-        targets: dict[str, TensorMap],
-        extra_data: dict[str, TensorMap] | None,
+        self, predictions: TensorMaps, targets: TensorMaps, extra_data: TensorMaps | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         prediction = self.lookup(predictions, self.prediction_key, "predictions")
         target = self.lookup(targets, self.target, "targets")
@@ -204,10 +201,7 @@ class MaskedDOSLoss(LossTerm):
 
     # -- computation ------------------------------------------------------------------
     def per_structure(
-        self,
-        predictions: dict[str, TensorMap],
-        targets: dict[str, TensorMap],
-        extra_data: dict[str, TensorMap] | None = None,
+        self, predictions: TensorMaps, targets: TensorMaps, extra_data: TensorMaps | None = None
     ) -> torch.Tensor:
         """One loss value per structure, ``(B,)``."""
         p, t, m = self._values(predictions, targets, extra_data)
@@ -225,20 +219,14 @@ class MaskedDOSLoss(LossTerm):
             raise ValueError(f"masked_dos on {self.description}: {error}") from None
 
     def sum_and_count(
-        self,
-        predictions: dict[str, TensorMap],
-        targets: dict[str, TensorMap],
-        extra_data: dict[str, TensorMap] | None = None,
+        self, predictions: TensorMaps, targets: TensorMaps, extra_data: TensorMaps | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of per-structure losses, number of structures)."""
         losses = self.per_structure(predictions, targets, extra_data)
         return losses.sum(), losses.new_full((), losses.shape[0])
 
     def forward(
-        self,
-        predictions: dict[str, TensorMap],
-        targets: dict[str, TensorMap],
-        extra_data: dict[str, TensorMap] | None = None,
+        self, predictions: TensorMaps, targets: TensorMaps, extra_data: TensorMaps | None = None
     ) -> torch.Tensor:
         if self.reduction == "none":
             return self.per_structure(predictions, targets, extra_data)

@@ -11,7 +11,7 @@ The term reads the ensemble output ``ensemble_output_name(target)`` from the pre
 (``energy`` -> ``energy_ensemble``, ``mtt::x`` -> ``mtt::aux::x_ensemble``). Its blocks
 have the target's keys, sample count and components, and ``M x P`` properties: ``M``
 members (outermost) times the target's ``P`` properties (DESIGN decision 6). The score
-is :func:`pl_mtt.functional.ensemble.ensemble_sum_and_count` over every entry of every
+is :func:`pl_mtt.losses.functional.ensemble.ensemble_sum_and_count` over every entry of every
 block (or gradient block); NaN targets are ignored.
 """
 
@@ -22,10 +22,10 @@ from functools import partial
 import torch
 from metatensor.torch import TensorBlock, TensorMap
 
-from pl_mtt.functional.ensemble import ENSEMBLE_KINDS, ensemble_sum_and_count, min_members
 from pl_mtt.losses.base import LossTerm, block_name, check_same_layout, values_signature
+from pl_mtt.losses.functional.ensemble import ENSEMBLE_KINDS, ensemble_sum_and_count, min_members
 from pl_mtt.registry import register_loss_type
-from pl_mtt.tensormaps import ensemble_output_name
+from pl_mtt.tensormaps.builders import TensorMaps, ensemble_output_name
 
 __all__ = ["EnsembleLoss"]
 
@@ -87,10 +87,7 @@ class EnsembleLoss(LossTerm):
         self.check_dtype_device(e_blocks[0].values, what, t_blocks[0].values, "target")
 
     def sum_and_count(
-        self,
-        predictions: dict[str, TensorMap],
-        targets: dict[str, TensorMap],
-        extra_data: dict[str, TensorMap] | None = None,
+        self, predictions: TensorMaps, targets: TensorMaps, extra_data: TensorMaps | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         ensemble = self.lookup(predictions, self.prediction_key, "predictions")
         target = self.lookup(targets, self.target, "targets")

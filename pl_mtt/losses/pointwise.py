@@ -8,11 +8,11 @@
         delta: 0.5
         forces: mae               # all entries of the positions gradient blocks
 
-The per-entry computation is :func:`pl_mtt.functional.pointwise.pointwise_sum_and_count`
+The per-entry computation is :func:`pl_mtt.losses.functional.pointwise.pointwise_sum_and_count`
 on every entry of every block of the target (or of its gradient blocks). Inside a
 ``LossModule``, the pointwise terms of one kind (same ``delta`` and masking, e.g. the
 energy, force and stress ``mse`` terms) are computed together by
-:func:`~pl_mtt.functional.pointwise.pointwise_segment_sums`: one read of each TensorMap,
+:func:`~pl_mtt.losses.functional.pointwise.pointwise_segment_sums`: one read of each TensorMap,
 one autograd node, the same per-term sums.
 """
 
@@ -24,18 +24,19 @@ from functools import partial
 import torch
 from metatensor.torch import TensorMap
 
-from pl_mtt.functional.pointwise import (
-    POINTWISE_KINDS,
-    pointwise_segment_sums,
-    pointwise_sum_and_count,
-)
 from pl_mtt.losses.base import (
     LossTerm,
     ValueCache,
     check_same_layout,
     flatten_values,
 )
+from pl_mtt.losses.functional.pointwise import (
+    POINTWISE_KINDS,
+    pointwise_segment_sums,
+    pointwise_sum_and_count,
+)
 from pl_mtt.registry import Param, register_loss_type
+from pl_mtt.tensormaps.builders import TensorMaps
 
 __all__ = ["PointwiseLoss"]
 
@@ -95,10 +96,7 @@ class PointwiseLoss(LossTerm):
         return ("pointwise", self.kind, self.delta, self.masked)
 
     def maps(
-        self,
-        predictions: dict[str, TensorMap],
-        targets: dict[str, TensorMap],
-        extra_data: dict[str, TensorMap] | None = None,
+        self, predictions: TensorMaps, targets: TensorMaps, extra_data: TensorMaps | None = None
     ) -> tuple[TensorMap, TensorMap, TensorMap | None]:
         """The prediction, target and (masked types) mask TensorMaps this term reads;
         a missing one is a ``ValueError`` naming it."""
@@ -110,9 +108,9 @@ class PointwiseLoss(LossTerm):
 
     def inputs(
         self,
-        predictions: dict[str, TensorMap],
-        targets: dict[str, TensorMap],
-        extra_data: dict[str, TensorMap] | None = None,
+        predictions: TensorMaps,
+        targets: TensorMaps,
+        extra_data: TensorMaps | None = None,
         cache: ValueCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Prediction, target and mask entries of this term after the layout checks:
@@ -162,10 +160,7 @@ class PointwiseLoss(LossTerm):
         self.check_dtype_device(p_values[0], "prediction", t_values[0], "target")
 
     def sum_and_count(
-        self,
-        predictions: dict[str, TensorMap],
-        targets: dict[str, TensorMap],
-        extra_data: dict[str, TensorMap] | None = None,
+        self, predictions: TensorMaps, targets: TensorMaps, extra_data: TensorMaps | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         prediction, target, mask = self.inputs(predictions, targets, extra_data)
         return pointwise_sum_and_count(prediction, target, mask, kind=self.kind, delta=self.delta)
@@ -174,13 +169,13 @@ class PointwiseLoss(LossTerm):
     def fused_sum_and_count(
         cls,
         terms: Sequence[PointwiseLoss],
-        predictions: dict[str, TensorMap],
-        targets: dict[str, TensorMap],
-        extra_data: dict[str, TensorMap] | None,
+        predictions: TensorMaps,
+        targets: TensorMaps,
+        extra_data: TensorMaps | None,
         cache: ValueCache,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """All ``terms`` (one :attr:`fusion_key`) in one
-        :func:`~pl_mtt.functional.pointwise.pointwise_segment_sums` call."""
+        :func:`~pl_mtt.losses.functional.pointwise.pointwise_segment_sums` call."""
         maps = [term.maps(predictions, targets, extra_data) for term in terms]
         cache.prefetch([m for triple in maps for m in triple if m is not None])  # one call
         p_list, t_list, m_list = zip(

@@ -4,7 +4,7 @@
   and strain gradients by autograd; DOS heads (``num_properties = n + extra_targets``);
   shallow last-layer ensembles (``ensemble_size``).
 - building blocks: :class:`RadialDescriptor`, :func:`batch_geometry` (outputs are built
-  with :func:`pl_mtt.tensormaps.atomistic_tensor_map`).
+  with :func:`pl_mtt.tensormaps.builders.atomistic_tensor_map`).
 """
 
 from pl_mtt.models.descriptor import RadialDescriptor, cosine_cutoff, gaussian_basis

@@ -1,5 +1,5 @@
 """Property labels of ensemble outputs (the output TensorMaps themselves are built with
-:func:`pl_mtt.tensormaps.atomistic_tensor_map`, like the data)."""
+:func:`pl_mtt.tensormaps.builders.atomistic_tensor_map`, like the data)."""
 
 from __future__ import annotations
 

@@ -36,7 +36,7 @@ from metatomic.torch import System
 from pl_mtt.models.descriptor import RadialDescriptor
 from pl_mtt.models.geometry import BatchGeometry, batch_geometry
 from pl_mtt.models.outputs import ensemble_properties
-from pl_mtt.tensormaps import atomistic_tensor_map, ensemble_output_name, range_labels
+from pl_mtt.tensormaps.builders import atomistic_tensor_map, ensemble_output_name, range_labels
 
 __all__ = ["RadialMLP"]
 

@@ -19,7 +19,7 @@ import lightning.pytorch as pl
 import torch
 from scaler_lightning import DataModule, Task, make_structures
 
-from pl_mtt.callbacks import ScalerCallback
+from pl_mtt.training.callbacks import ScalerCallback
 
 
 def _tensors(state: dict) -> dict:

@@ -9,8 +9,8 @@ import torch
 from scaler_data import collate, random_structures
 
 from pl_mtt import scaling
-from pl_mtt.callbacks import ScalerCallback
 from pl_mtt.loss_module import LossModule
+from pl_mtt.training.callbacks import ScalerCallback
 
 TARGETS = ("energy", "mtt::charge", "mtt::multi")
 TYPES = [1, 6, 8]

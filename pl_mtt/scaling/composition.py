@@ -16,7 +16,7 @@ NaN entries and entries masked out by ``extra_data["<target>_mask"]`` do not cou
 property, so every property has its own normal equations). The baseline is removed
 before the scale statistics and added back at inference (:mod:`pl_mtt.scaling`, which
 fuses the shift tables of :meth:`CompositionModel.baselines` with the division by atoms
-and the scales into one :func:`pl_mtt.block_ops.transform_map` call per TensorMap).
+and the scales into one :func:`pl_mtt.tensormaps.block_ops.transform_map` call per TensorMap).
 
 One pass for baseline and scales
 --------------------------------
@@ -38,7 +38,7 @@ is ``S - 2 delta . d + delta^T H delta`` exactly, every term of the size of the 
 shifted residuals. For per-atom targets the sums are ``sum y~`` and the count per type,
 the baseline ``w0 + sum y~ / n`` and the residual sum of squares ``S - (sum y~)^2 / n``.
 :meth:`CompositionModel.sum_corrections` returns these corrections for
-:meth:`pl_mtt.Scaler.add_to_sums`; :func:`pl_mtt.fit_pass.fit_pass` runs the whole pass.
+:meth:`pl_mtt.Scaler.add_to_sums`; :func:`pl_mtt.scaling.fit.fit_pass` runs the whole pass.
 
 The shift of a type is set from the first batch in which the type has entries (a small
 ridge fit of the new types with the others fixed; per-atom: the batch's per-type mean).
@@ -58,12 +58,12 @@ from metatensor.torch import Labels, TensorBlock, TensorMap
 from metatomic.torch import System
 from torch.nn.functional import pad
 
-from pl_mtt.batch_atoms import BatchAtoms
-from pl_mtt.block_ops import grouped_sums, rebuild_block, transform_map
-from pl_mtt.one_pass import OnePassState, check_mask, known_names
-from pl_mtt.target_info import (
+from pl_mtt.scaling.one_pass import OnePassState, check_mask, known_names
+from pl_mtt.scaling.target_info import (
     TargetInfo,
 )
+from pl_mtt.tensormaps.batch_atoms import BatchAtoms
+from pl_mtt.tensormaps.block_ops import grouped_sums, rebuild_block, transform_map
 
 __all__ = ["CompositionModel"]
 
@@ -495,10 +495,10 @@ class CompositionModel(OnePassState, torch.nn.Module):
         self, systems: list[System], name: str, tensor: TensorMap
     ) -> list[torch.Tensor | None] | None:
         """The baseline of output ``name`` as shift tables for
-        :func:`pl_mtt.block_ops.transform_map`: per block ``None`` (no baseline) or one row
-        per system (``x_A . w``, total units) or per atom of the batch (``w`` of its type,
-        0 for unknown types); ``None`` when the output has no baseline. Checks the
-        layout."""
+        :func:`pl_mtt.tensormaps.block_ops.transform_map`: per block ``None`` (no
+        baseline) or one row per system (``x_A . w``, total units) or per atom of the
+        batch (``w`` of its type, 0 for unknown types); ``None`` when the output has no
+        baseline. Checks the layout."""
         target = name if name in self.targets else self._ensembles.get(name)
         if target is None or not self.blocks[target]:
             return None

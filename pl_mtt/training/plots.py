@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from pl_mtt.evaluation import Collected
+from pl_mtt.training.evaluation import Collected
 
 __all__ = ["dos_overlays", "learning_curves", "parity_plots", "write_metrics_table"]
 

@@ -5,7 +5,7 @@ returns them minus its *shift* baseline; those are divided by atoms and accumula
 the scaler. After the pass, rank 0's shift is broadcast and every rank moves its sums to
 it, then one all_reduce of all sums (under DDP), the baseline solve,
 the algebraic correction of the scaler's sums from shifted to residual second moments
-(:mod:`pl_mtt.composition` explains why this is exact), and the scale fit. Every rank
+(:mod:`pl_mtt.scaling.composition` explains why this is exact), and the scale fit. Every rank
 then holds the same state, equal to a single-process fit over the union of the shards.
 
 .. code-block:: python
@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from metatensor.torch import TensorMap
 
-from pl_mtt.composition import CompositionModel
-from pl_mtt.scaler import Scaler
-from pl_mtt.scaling import divide_by_atoms
+from pl_mtt.scaling.composition import CompositionModel
+from pl_mtt.scaling.pipeline import divide_by_atoms
+from pl_mtt.scaling.scaler import Scaler
 
 __all__ = ["FitSummary", "fit_pass", "unpack_batch"]
 

@@ -20,9 +20,9 @@ import torch
 from metatensor.torch import TensorMap
 from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError
 
-from pl_mtt.batch_atoms import BatchAtoms
-from pl_mtt.block_ops import flat_values
 from pl_mtt.config import gradient_alias, is_energy_like
+from pl_mtt.tensormaps.batch_atoms import BatchAtoms
+from pl_mtt.tensormaps.block_ops import flat_values
 
 __all__ = ["MetricSpec", "PhysicalMetrics", "metric_specs"]
 

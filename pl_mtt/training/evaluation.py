@@ -20,7 +20,7 @@ import torch
 from metatensor.torch import TensorMap
 
 from pl_mtt.config import gradient_alias, is_energy_like
-from pl_mtt.functional.dos import dos_alignment_shifts
+from pl_mtt.losses.functional.dos import dos_alignment_shifts
 
 __all__ = ["Collected", "collect"]
 

@@ -18,7 +18,7 @@
 ``trainer.fit(..., ckpt_path=...)`` restores them. ``on_fit_start`` fits them if they
 are not fitted yet (or ``refit=True``): every rank reads only its strided share of the
 training set (rank ``r`` of ``W`` gets structures ``r, r+W, ...``, never padded), one
-pass accumulates all sums (:func:`pl_mtt.fit_pass.fit_pass`), the shift of the sums is
+pass accumulates all sums (:func:`pl_mtt.scaling.fit.fit_pass`), the shift of the sums is
 broadcast from rank 0 and the sums are summed with ONE all_reduce; every rank then fits
 from the same numbers and ends with the same state. The scaler is handed to every
 :class:`pl_mtt.LossModule` found in the LightningModule.
@@ -35,14 +35,14 @@ import torch
 from metatensor.torch import TensorMap
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
-from pl_mtt.composition import CompositionModel
 from pl_mtt.config import to_plain
-from pl_mtt.fit_pass import FitSummary, fit_pass
-from pl_mtt.fit_pass import unpack_batch as default_unpack_batch
 from pl_mtt.loss_module import LossModule
-from pl_mtt.scaler import Scaler
-from pl_mtt.target_info import is_tensor_map
-from pl_mtt.tensormaps import zero_sample_layout
+from pl_mtt.scaling.composition import CompositionModel
+from pl_mtt.scaling.fit import FitSummary, fit_pass
+from pl_mtt.scaling.fit import unpack_batch as default_unpack_batch
+from pl_mtt.scaling.scaler import Scaler
+from pl_mtt.scaling.target_info import is_tensor_map
+from pl_mtt.tensormaps.builders import zero_sample_layout
 
 __all__ = ["ScalerCallback"]
 

@@ -5,7 +5,7 @@ keys, and per block the sample names, components and properties. :class:`TargetI
 reads it once, so that later per-batch code only touches plain Python values and
 tensors, never ``Labels`` values (no host-device synchronisation on CUDA); a TensorMap
 is checked in full the first time its shape signature is seen, later by one cheap
-TorchScript call (:func:`pl_mtt.block_ops.shape_signature`).
+TorchScript call (:func:`pl_mtt.tensormaps.block_ops.shape_signature`).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import metatensor.torch as mts
 import torch
 from metatensor.torch import Labels, TensorMap
 
-from pl_mtt.block_ops import shape_signature
-from pl_mtt.tensormaps import (
+from pl_mtt.tensormaps.block_ops import shape_signature
+from pl_mtt.tensormaps.builders import (
     ATOM_PAIR,
     PER_ATOM,
     PER_STRUCTURE,

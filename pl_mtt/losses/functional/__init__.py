@@ -5,8 +5,8 @@ wrappers over these. They make no host-device synchronisation and compile with
 ``torch.compile(fullgraph=True)``.
 """
 
-from pl_mtt.functional.dos import dos_alignment_shifts, masked_dos_loss
-from pl_mtt.functional.ensemble import (
+from pl_mtt.losses.functional.dos import dos_alignment_shifts, masked_dos_loss
+from pl_mtt.losses.functional.ensemble import (
     empirical_crps,
     ensemble_loss,
     ensemble_mean_and_variance,
@@ -14,7 +14,7 @@ from pl_mtt.functional.ensemble import (
     gaussian_crps,
     gaussian_nll,
 )
-from pl_mtt.functional.pointwise import pointwise_loss, pointwise_sum_and_count
+from pl_mtt.losses.functional.pointwise import pointwise_loss, pointwise_sum_and_count
 
 __all__ = [
     "dos_alignment_shifts",

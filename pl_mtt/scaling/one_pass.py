@@ -1,6 +1,6 @@
 """What the Scaler and the CompositionModel share: fitted from sums kept in one pass.
 
-Both keep float64 sums while :func:`pl_mtt.fit_pass.fit_pass` runs over the data, hand
+Both keep float64 sums while :func:`pl_mtt.scaling.fit.fit_pass` runs over the data, hand
 them to ONE all_reduce as a single vector (:meth:`OnePassState.flat_sums` /
 :meth:`OnePassState.load_flat_sums`), and store the arguments they were built with in
 their ``state_dict`` (``_extra_state``) so that a checkpoint restores into a model
@@ -15,13 +15,13 @@ from typing import Any
 import torch
 from metatensor.torch import Labels, TensorMap
 
-from pl_mtt.batch_atoms import TypeTable
-from pl_mtt.target_info import (
+from pl_mtt.scaling.target_info import (
     TargetInfo,
     layout_buffers,
     layouts_from_buffers,
     zero_sample_layout,
 )
+from pl_mtt.tensormaps.batch_atoms import TypeTable
 
 __all__ = ["OnePassState", "check_mask", "known_names"]
 

@@ -34,11 +34,11 @@ import torch
 from metatensor.torch import Labels, TensorBlock, TensorMap
 
 from pl_mtt import scaling
-from pl_mtt.callbacks import ScalerCallback
 from pl_mtt.config import to_plain
-from pl_mtt.functional.dos import dos_alignment_shifts
 from pl_mtt.loss_module import LossModule
-from pl_mtt.metrics import PhysicalMetrics, metric_specs
+from pl_mtt.losses.functional.dos import dos_alignment_shifts
+from pl_mtt.training.callbacks import ScalerCallback
+from pl_mtt.training.metrics import PhysicalMetrics, metric_specs
 
 __all__ = ["AtomisticTask", "InferenceModel"]
 

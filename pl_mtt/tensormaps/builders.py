@@ -12,6 +12,7 @@ import torch
 from metatensor.torch import Labels, TensorBlock, TensorMap
 
 __all__ = [
+    "TensorMaps",
     "atomistic_tensor_map",
     "ensemble_output_name",
     "layout_signature",
@@ -20,6 +21,8 @@ __all__ = [
     "value_blocks",
     "zero_sample_layout",
 ]
+
+TensorMaps = dict[str, TensorMap]  # predictions, targets, extra_data: name -> TensorMap
 
 PER_STRUCTURE = "per_structure"
 PER_ATOM = "per_atom"

@@ -45,9 +45,9 @@ import torch
 from metatensor.torch import TensorMap
 from metatomic.torch import System
 
-from pl_mtt.batch_atoms import BatchAtoms
-from pl_mtt.block_ops import transform_map
-from pl_mtt.tensormaps import ensemble_output_name
+from pl_mtt.tensormaps.batch_atoms import BatchAtoms
+from pl_mtt.tensormaps.block_ops import transform_map
+from pl_mtt.tensormaps.builders import ensemble_output_name
 
 __all__ = [
     "divide_by_atoms",
@@ -140,15 +140,7 @@ def targets_for_loss(
     In: physical, total units (as read from the data). Out: baseline-free, per atom
     where divided, divided by the per-target scales (dimensionless, of order 1).
     """
-    return _transform(
-        systems,
-        targets,
-        divide=True,
-        not_divided=_not_divided(scaler, None),
-        scaler=scaler,
-        scaler_factors=(True, False),
-        composition=composition,
-    )
+    return _target_units(systems, targets, scaler, composition, divide=True)
 
 
 def targets_from_loss(
@@ -158,10 +150,22 @@ def targets_from_loss(
     composition: torch.nn.Module | None = None,
 ) -> dict[str, TensorMap]:
     """The inverse of :func:`targets_for_loss`: loss units -> physical, total units."""
+    return _target_units(systems, targets, scaler, composition, divide=False)
+
+
+def _target_units(
+    systems: list[System],
+    targets: Tensors,
+    scaler: torch.nn.Module | None,
+    composition: torch.nn.Module | None,
+    *,
+    divide: bool,
+) -> dict[str, TensorMap]:
+    """Baseline, division by atoms and per-target scales of targets, either way."""
     return _transform(
         systems,
         targets,
-        divide=False,
+        divide=divide,
         not_divided=_not_divided(scaler, None),
         scaler=scaler,
         scaler_factors=(True, False),

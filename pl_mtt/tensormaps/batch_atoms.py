@@ -19,7 +19,7 @@ import torch
 from metatensor.torch import Labels
 from metatomic.torch import System
 
-from pl_mtt.block_ops import lazy_script
+from pl_mtt.tensormaps.block_ops import lazy_script
 
 __all__ = ["MAX_ATOMIC_NUMBER", "BatchAtoms", "TypeTable"]
 
@@ -233,7 +233,7 @@ class BatchAtoms:
 
     def atom_counts(self) -> torch.Tensor:
         """``[n_systems, 1]`` float64 number of atoms per system (the ``atom_counts`` of
-        :func:`pl_mtt.block_ops.transform_map`)."""
+        :func:`pl_mtt.tensormaps.block_ops.transform_map`)."""
         return self.cached("atom counts", lambda: self.n_atoms_as(torch.float64)[:, None])
 
     def volumes(self) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 Scales are uncentered RMS values without Bessel's correction of the targets as given to
 :meth:`Scaler.accumulate` (baseline removed, per-structure targets divided by their
-number of atoms; :mod:`pl_mtt.fit_pass` prepares them in one pass). For every block
+number of atoms; :mod:`pl_mtt.scaling.fit` prepares them in one pass). For every block
 ``a``, property ``p`` and (per-atom targets) atomic type ``Z`` one pass keeps, in float64,
 
 - ``S[a, Z, p]``: the sum of squares of the entries that count (not NaN, not masked out
@@ -28,7 +28,7 @@ per-property scales 1.0. Gradients are not scaled separately: they follow their 
 The per-type sums are one ``index_add_`` over the rows of each block, so the cost of
 the pass does not depend on the number of atomic types.
 
-Applying scales (:meth:`Scaler.forward`) is one :func:`pl_mtt.block_ops.transform_map`
+Applying scales (:meth:`Scaler.forward`) is one :func:`pl_mtt.tensormaps.block_ops.transform_map`
 call per TensorMap with the factor tables of :meth:`Scaler.factor_tables`, which
 :mod:`pl_mtt.scaling` also fuses with the baseline and the division by atoms.
 """
@@ -44,12 +44,12 @@ from metatensor.torch import Labels, TensorBlock, TensorMap
 from metatomic.torch import System
 from torch.nn.functional import pad
 
-from pl_mtt.batch_atoms import BatchAtoms
-from pl_mtt.block_ops import grouped_sums, transform_map
-from pl_mtt.one_pass import OnePassState, check_mask, known_names
-from pl_mtt.target_info import (
+from pl_mtt.scaling.one_pass import OnePassState, check_mask, known_names
+from pl_mtt.scaling.target_info import (
     TargetInfo,
 )
+from pl_mtt.tensormaps.batch_atoms import BatchAtoms
+from pl_mtt.tensormaps.block_ops import grouped_sums, transform_map
 
 __all__ = ["Scaler", "rms_scales"]
 
@@ -174,7 +174,7 @@ class Scaler(OnePassState, torch.nn.Module):
 
         :class:`pl_mtt.CompositionModel` uses this to turn sums accumulated around its
         shift into sums of the residuals of the fitted baseline (see
-        :mod:`pl_mtt.composition`).
+        :mod:`pl_mtt.scaling.composition`).
         """
         for name, blocks in corrections.items():
             for index, delta in blocks.items():
@@ -198,7 +198,7 @@ class Scaler(OnePassState, torch.nn.Module):
         """Add one batch to the sums. Never modifies its inputs.
 
         ``targets`` are taken as given: baseline removed and per-structure targets
-        divided by the number of atoms (:mod:`pl_mtt.fit_pass` does both). NaN entries
+        divided by the number of atoms (:mod:`pl_mtt.scaling.fit` does both). NaN entries
         and entries where ``extra_data["<target>_mask"]`` is zero do not count.
 
         Raises:
@@ -396,7 +396,7 @@ class Scaler(OnePassState, torch.nn.Module):
         use_per_property_scales: bool = True,
     ) -> list[torch.Tensor | None] | None:
         """The scale factors of output ``name`` as tables for
-        :func:`pl_mtt.block_ops.transform_map`: per block ``[1, P]`` or, for per-atom
+        :func:`pl_mtt.tensormaps.block_ops.transform_map`: per block ``[1, P]`` or, for per-atom
         outputs, one row per atom of the batch; ``None`` when every factor is 1 or the
         name is not a target (or ensemble output) of this scaler. Checks the layout."""
         target = name if name in self.targets else self._ensembles.get(name)
@@ -429,7 +429,7 @@ class Scaler(OnePassState, torch.nn.Module):
         left out. Per-atom outputs are scaled per atomic type of each atom (from
         ``systems``; atoms of types the scaler does not know get 1.0), per-structure
         outputs by their single row, gradient blocks like their values, ensemble outputs
-        (:func:`pl_mtt.tensormaps.ensemble_output_name`) like their target per member.
+        (:func:`pl_mtt.tensormaps.builders.ensemble_output_name`) like their target per member.
         Outputs of unknown names pass through unchanged. Returns a new dict; the inputs
         are never modified.
         """

@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from pl_mtt.functional.pointwise import reduce_total
+from pl_mtt.losses.functional.pointwise import reduce_total
 
 __all__ = [
     "ENSEMBLE_KINDS",

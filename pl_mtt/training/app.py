@@ -1,0 +1,224 @@
+"""The Hydra entry point: ``python -m pl_mtt.train [overrides]``.
+
+.. code-block:: bash
+
+    python -m pl_mtt.train                                   # the default job
+    python -m pl_mtt.train loss.energy.forces=mae            # one loss term changed
+    python -m pl_mtt.train loss.energy.forces=mae loss.energy.forces.weight=0.1
+    python -m pl_mtt.train loss=mse dry_run=true             # print the expanded loss
+    python -m pl_mtt.train -m loss.energy.forces=mse,mae     # a sweep
+
+The loss config is validated with :func:`pl_mtt.expand_loss_config` before anything
+else runs, so a bad loss fails in a second with the key path of the problem.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning.pytorch as L  # noqa: N812
+import torch
+from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from omegaconf import DictConfig, OmegaConf
+
+from pl_mtt.config import expand_loss_config
+from pl_mtt.data import AtomisticDataModule, AtomisticDataset, collate
+from pl_mtt.registry import loss_type_names
+from pl_mtt.training.callbacks import ScalerCallback
+from pl_mtt.training.evaluation import collect
+from pl_mtt.training.plots import dos_overlays, learning_curves, parity_plots, write_metrics_table
+from pl_mtt.training.schema import register_configs
+from pl_mtt.training.task import AtomisticTask
+
+__all__ = [
+    "config_dir",
+    "evaluate",
+    "main",
+    "merge_loss_shorthand_overrides",
+    "run",
+    "train",
+]
+
+
+def config_dir() -> str:
+    """The Hydra config tree: ``conf/`` of a source checkout or the installed copy."""
+    package = Path(__file__).resolve().parent.parent
+    for candidate in (package / "conf", package.parent / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return str(candidate)
+    raise FileNotFoundError(f"no Hydra config tree (conf/config.yaml) found near {package}")
+
+
+_OVERRIDE = re.compile(r"^(?P<plus>\+{0,2})(?P<key>loss(?:\.[^=]+)?)=(?P<value>.*)$")
+
+
+def merge_loss_shorthand_overrides(args: list[str]) -> list[str]:
+    """Let a loss shorthand and a field of the same term be overridden together.
+
+    ``loss.energy.forces=mae loss.energy.forces.weight=0.1`` would fail in Hydra (the
+    first turns the node into the string ``"mae"``, which has no ``weight``); it is
+    rewritten to the equivalent ``++loss.energy.forces={type:mae,weight:0.1}``. All
+    other arguments pass through unchanged.
+    """
+    types = set(loss_type_names())
+    parsed = [(i, _OVERRIDE.match(arg)) for i, arg in enumerate(args)]
+    shorthands = {
+        m["key"]: i for i, m in parsed if m and m["key"] != "loss" and m["value"] in types
+    }
+    if not shorthands:
+        return list(args)
+    fields: dict[str, list[tuple[str, str]]] = {key: [] for key in shorthands}
+    dropped = set()
+    for i, m in parsed:
+        if not m:
+            continue
+        parent, _, leaf = m["key"].rpartition(".")
+        if parent in shorthands and "." not in leaf:
+            fields[parent].append((leaf, m["value"]))
+            dropped.add(i)
+    result = []
+    for i, arg in enumerate(args):
+        if i in dropped:
+            continue
+        m = _OVERRIDE.match(arg)
+        if m and m["key"] in shorthands and fields[m["key"]]:
+            items = [f"type:{m['value']}"] + [f"{k}:{v}" for k, v in fields[m["key"]]]
+            arg = f"++{m['key']}={{{','.join(items)}}}"
+        result.append(arg)
+    return result
+
+
+def training_targets(cfg: DictConfig) -> dict[str, Any]:
+    """Target options as configured in ``data.targets`` (before the data is read)."""
+    return OmegaConf.to_container(cfg.data.targets, resolve=True) or {}
+
+
+def output_dir() -> Path:
+    """This run's directory (Hydra's), or the working directory outside Hydra."""
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    return Path.cwd()
+
+
+def _datamodule(cfg: DictConfig) -> AtomisticDataModule:
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    return AtomisticDataModule(**data)
+
+
+def _scaler_callback(cfg: DictConfig, dos_targets: list[str]) -> ScalerCallback:
+    scaler = OmegaConf.to_container(cfg.scaler, resolve=True)
+    return ScalerCallback(
+        per_structure_targets=scaler["per_structure_targets"],
+        composition=scaler["composition"],
+        no_composition=dos_targets,
+        fixed_scales=scaler["fixed_scales"] or None,
+        refit=scaler["refit_on_resume"],
+    )
+
+
+def _trainer(cfg: DictConfig, run_dir: Path, callbacks: list) -> L.Trainer:
+    options = OmegaConf.to_container(cfg.trainer, resolve=True)
+    options["default_root_dir"] = options.get("default_root_dir") or str(run_dir)
+    options["inference_mode"] = False  # forces and stress are autograd gradients
+    logger = CSVLogger(str(run_dir), name="", version="")
+    return L.Trainer(**options, logger=logger, callbacks=callbacks)
+
+
+def write_report(task: AtomisticTask, loader: Any, run_dir: Path, metrics_csv: Path | None) -> None:
+    """Plots (learning curves, parity, DOS) and a metrics table under ``run_dir``."""
+    plots = run_dir / "plots"
+    if metrics_csv is not None and metrics_csv.is_file():
+        learning_curves(metrics_csv, plots)
+    collected = collect(task, loader)
+    parity_plots(collected, plots)
+    dos_overlays(collected, plots)
+    write_metrics_table(collected, run_dir / "test_metrics.md")
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """The training job: data, model, task, Trainer with ScalerCallback; plots at the end."""
+    run_dir = output_dir()
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = _datamodule(cfg)
+    datamodule.setup()
+    targets = datamodule.target_options
+    model = hydra.utils.instantiate(cfg.model)
+    task = AtomisticTask(
+        model,
+        cfg.loss,
+        targets,
+        lr=cfg.optimizer.lr,
+        weight_decay=cfg.optimizer.weight_decay,
+        lr_decay=cfg.optimizer.lr_decay,
+        per_structure_targets=list(cfg.scaler.per_structure_targets),
+        global_mean=cfg.global_mean,
+        model_config=OmegaConf.to_container(cfg.model, resolve=True),
+    )
+    checkpoint = ModelCheckpoint(
+        dirpath=str(run_dir / "checkpoints"), monitor="val/loss", save_last=True
+    )
+    callbacks: list = [checkpoint]
+    if cfg.scaler.scale_targets:
+        callbacks.append(_scaler_callback(cfg, list(task.dos_targets)))
+    trainer = _trainer(cfg, run_dir, callbacks)
+    trainer.fit(task, datamodule, ckpt_path=cfg.ckpt_path)
+    results = trainer.test(task, datamodule, verbose=False)
+    if trainer.is_global_zero:
+        torch.save(task.inference_model(), run_dir / "model.pt")
+        write_report(task, datamodule.test_dataloader(), run_dir, run_dir / "metrics.csv")
+        print(f"outputs written to {run_dir}")
+    return {"test": results[0] if results else {}, "best": checkpoint.best_model_path}
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate ``ckpt_path`` on every structure of ``data.path`` (or the embedded
+    dataset): metrics table, parity plots, DOS overlays under the run directory."""
+    if not cfg.ckpt_path:
+        raise ValueError("mode=evaluate needs ckpt_path=<checkpoint of a training run>")
+    run_dir = output_dir()
+    task = AtomisticTask.load_from_checkpoint(cfg.ckpt_path, map_location="cpu")
+    data = _datamodule(cfg)
+    path, _, extra = data._sources()
+    targets = training_targets(cfg) or task.target_options
+    dataset = AtomisticDataset.from_file(path, targets, extra, dtype=data.dtype)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=cfg.data.batch_size, collate_fn=collate, shuffle=False
+    )
+    trainer = _trainer(cfg, run_dir, [])
+    results = trainer.test(task, dataloaders=loader, verbose=False)
+    write_report(task, loader, run_dir, None)
+    print(f"evaluation written to {run_dir}")
+    return {"test": results[0] if results else {}}
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Validate the loss config, then train (or ``dry_run``: print it; or evaluate)."""
+    expanded = expand_loss_config(cfg.loss, training_targets(cfg))
+    if cfg.dry_run:
+        print(OmegaConf.to_yaml(cfg, resolve=True))
+        print("# expanded loss config")
+        print(OmegaConf.to_yaml(OmegaConf.create({"loss": expanded})))
+        return {"loss": expanded}
+    if cfg.mode == "evaluate":
+        return evaluate(cfg)
+    if cfg.mode != "train":
+        raise ValueError(f"mode: expected 'train' or 'evaluate', got {cfg.mode!r}")
+    return train(cfg)
+
+
+def main() -> None:
+    """Console entry point (also ``python -m pl_mtt.train``)."""
+    register_configs()
+    sys.argv = [sys.argv[0], *merge_loss_shorthand_overrides(sys.argv[1:])]
+    app = hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")(run)
+    app()
+
+
+if __name__ == "__main__":
+    main()
