@@ -16,23 +16,36 @@ takes the next of 6 batches, so nothing derived from a batch is reused across st
 
 The "speedup" column is bare time / pl_mtt time: the overhead of pl_mtt is
 ``1 / speedup - 1`` (goal on a GPU: at most 5%).
+
+Beside the times, the number of aten operations each stage dispatches (counted with a
+``TorchDispatchMode``: every operation, views included, i.e. what an eager GPU step pays
+a launch or a dispatch for), in steady state (after one step per batch layout: the first
+call of a layout runs the full metadata checks), and the time of each stage:
+
+.. code-block:: bash
+
+    python benchmarks/bench_step.py --quick     # the tables, small sizes
 """
 
 from __future__ import annotations
 
 import itertools
+import statistics
 import sys
 import tempfile
+import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harness import Case, main_for
+from harness import Case, device_name, main_for, one_thread, parse_args
 
 from pl_mtt import CompositionModel, LossModule, Scaler, fit_pass, scaling
 from pl_mtt.data import AtomisticDataModule, batch_to
@@ -150,5 +163,129 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
     ]
 
 
+# -- dispatched operations per stage ----------------------------------------------------
+class OperationCounter(TorchDispatchMode):
+    """Counts the aten operations dispatched while active (views included), by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: Counter[str] = Counter()
+
+    @property
+    def count(self) -> int:
+        return sum(self.names.values())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def warm_up(parts: SimpleNamespace) -> None:
+    """One step on every batch: the first call of a layout runs the full checks."""
+    for batch in parts.batches:
+        for _, run in step_stages(parts, batch):
+            run()
+
+
+def stage_operations(parts: SimpleNamespace, batch: tuple) -> list[tuple[str, OperationCounter]]:
+    """The operations each stage of pl_mtt's step dispatches on ``batch``."""
+    result = []
+    for name, run in step_stages(parts, batch):
+        with OperationCounter() as counter:
+            run()
+        result.append((name, counter))
+    return result
+
+
+def bare_operations(parts: SimpleNamespace, batch: tuple) -> tuple[int, int]:
+    """(forward, backward) operations of the hand-written loss on ``batch``."""
+    systems, targets, _ = batch
+    n_atoms = torch.tensor(
+        [[len(s)] for s in systems], dtype=torch.float64, device=targets["energy"].device
+    )
+    outputs = parts.model(systems)
+    with OperationCounter() as forward:
+        loss = _bare_loss(outputs, targets, n_atoms)
+    with OperationCounter() as backward:
+        loss.backward()
+    return forward.count, backward.count
+
+
+def flush_operations(parts: SimpleNamespace) -> tuple[int, int]:
+    """(operations of one metrics flush of a full queue, steps in that queue): the
+    metrics' share of a step, amortised over the queue."""
+    metrics = parts.metrics
+    metrics.flush()
+    batches = itertools.cycle(parts.batches)
+    steps = metrics.queue.STEPS - 1  # the next update would flush by itself
+    for _ in range(steps):
+        for name, run in step_stages(parts, next(batches)):
+            if not name.startswith("backward"):
+                run()
+    with OperationCounter() as counter:
+        metrics.flush()
+    return counter.count, steps + 1
+
+
+def _stage_times(parts: SimpleNamespace, device: torch.device, repeats: int) -> list[float]:
+    """Median time of each stage (synchronised around every stage on CUDA)."""
+    batches = itertools.cycle(parts.batches)
+    times: list[list[float]] = []
+    for _ in range(repeats):
+        stages = step_stages(parts, next(batches))
+        times.append([])
+        for _, run in stages:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            run()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times[-1].append(time.perf_counter() - start)
+        parts.model.zero_grad(set_to_none=True)
+    return [statistics.median(column) for column in zip(*times, strict=True)]
+
+
+def operations_table(device: torch.device, quick: bool) -> str:
+    """Markdown: dispatched operations and median time of every stage, the bare loss,
+    and the metrics flush amortised over its queue."""
+    parts = setup(device, quick)
+    warm_up(parts)
+    batch = parts.batches[1]
+    counted = stage_operations(parts, batch)
+    times = one_thread(lambda: _stage_times(parts, device, 5 if quick else 30))()
+    bare_forward, bare_backward = bare_operations(parts, batch)
+    flush, steps = flush_operations(parts)
+    forward = sum(c.count for name, c in counted if not name.startswith("backward"))
+    rows = [
+        "",
+        f"Training step, dispatched aten operations per stage ({device_name(device)}; "
+        "steady state, views included; times: medians, one torch thread):",
+        "",
+        "| stage | operations | time |",
+        "|---|---|---|",
+    ]
+    for (name, counter), seconds in zip(counted, times, strict=True):
+        rows.append(f"| {name} | {counter.count} | {seconds * 1e6:.0f} µs |")
+    rows += [
+        f"| pl_mtt forward, all stages | {forward} (+{flush / steps:.1f} amortised: one "
+        f"metrics flush of {flush} operations per {steps} steps) | "
+        f"{sum(times[:-1]) * 1e6:.0f} µs |",
+        f"| hand-written loss (`_bare_loss`): forward, backward | {bare_forward}, "
+        f"{bare_backward} | |",
+        "",
+        "Goal: at most 40 forward operations, and a backward of at most the hand-written "
+        "loss's backward + 10 (both backwards include the model's).",
+    ]
+    return "\n".join(rows)
+
+
+def extra_report(device: torch.device, quick: bool) -> str:
+    """The table of :func:`operations_table` for ``run_all.py``'s RESULTS.md."""
+    return operations_table(device, quick)
+
+
 if __name__ == "__main__":
     main_for(cases, "pl_mtt's overhead in a training step")
+    arguments = parse_args("")
+    print(operations_table(torch.device(arguments.device), arguments.quick))

@@ -28,6 +28,7 @@ from torchmetrics import Metric
 
 from pl_mtt.config import expand_loss_config, gradient_alias, to_plain
 from pl_mtt.losses.base import LossTerm, ValueCache, create_loss
+from pl_mtt.scaling.prepared import FusedResiduals, prepared_pair
 from pl_mtt.tensormaps.builders import TensorMaps, ensemble_output_name
 
 __all__ = ["LossAggregate", "LossModule"]
@@ -136,9 +137,11 @@ class _Step:
     order, and per dtype and device the constant tensors (term index, weights, ``sum``
     flags) in the order of the results."""
 
-    def __init__(self, groups: list[list[tuple[int, LossTerm]]]) -> None:
+    def __init__(self, groups: list[list[tuple[int, LossTerm]]], scaled: frozenset[str]) -> None:
         self.groups = [
-            (type(group[0][1]).fused_sum_and_count, [term for _, term in group])
+            (_scaled_sum_and_count, [term for _, term in group])
+            if group[0][1].target in scaled
+            else (type(group[0][1]).fused_sum_and_count, [term for _, term in group])
             if len(group) > 1
             else (_single_sum_and_count, [group[0][1]])
             for group in groups
@@ -178,6 +181,25 @@ def _single_sum_and_count(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     total, count = terms[0].sum_and_count(predictions, targets, extra_data)
     return total.reshape(1), count.reshape(1)
+
+
+def _scaled_sum_and_count(
+    terms: list[LossTerm],
+    predictions: TensorMaps,
+    targets: TensorMaps,
+    extra_data: TensorMaps | None,
+    cache: ValueCache,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The terms of one target computed from the raw inputs behind ``predictions`` and
+    ``targets`` (the mappings of :func:`pl_mtt.scaling.prepare_for_loss`); the residuals
+    are recorded on their batch for the metrics."""
+    batch = prepared_pair(predictions, targets)
+    target = terms[0].target
+    parts = [term.gradient or "" for term in terms]
+    inputs = batch.fused_inputs(target, parts)
+    sums, counts, differences, valid = type(terms[0]).scaled_sum_and_count(terms, inputs)
+    batch.record(target, FusedResiduals(parts, differences, valid, counts, inputs.inverse_scale))
+    return sums, counts
 
 
 class _LastCall:
@@ -249,9 +271,22 @@ class LossModule(torch.nn.Module):
         self.term_list = torch.nn.ModuleList(terms)
         # (target, prediction key) of each term, for the presence test
         self._reads = [(term.target, term.prediction_key) for term in terms]
+        # targets whose terms all run on raw inputs (prepare_for_loss's mappings), with
+        # the parts they read in term order; and the layouts already checked in full
+        self._scaled: dict[str, list[str]] = {}
+        for target in dict.fromkeys(term.target for term in terms):
+            own = [term for term in terms if term.target == target]
+            if all(
+                term.reads_scaled_inputs
+                and term.prediction_key == target
+                and type(term) is type(own[0])
+                for term in own
+            ):
+                self._scaled[target] = [term.gradient or "" for term in own]
+        self._scaled_layouts: set[tuple] = set()
         self.aggregate = LossAggregate([term.reduction for term in terms])
         self._property_scaled: dict[str, tuple[bool, bool]] = {}
-        self._steps: dict[tuple[int, ...], _Step] = {}
+        self._steps: dict[tuple, _Step] = {}  # by present terms (and scaled targets)
         self._last = _LastCall()
         self._scaler: tuple[torch.nn.Module, ...] = ()
         if scaler is not None:
@@ -294,6 +329,7 @@ class LossModule(torch.nn.Module):
         systems: list | None = None,
     ) -> torch.Tensor:
         """The weighted sum of the terms (differentiable)."""
+        scaled, new_layouts = self._scaled_targets(predictions, targets)
         if self._scaler:
             predictions = self._apply_property_scales(predictions, targets, systems)
         present = tuple(
@@ -308,9 +344,10 @@ class LossModule(torch.nn.Module):
             self._last.value = None
             return _zero_like(predictions, self.aggregate.totals)
 
-        step = self._steps.get(present)
+        key = (present, scaled) if scaled else present
+        step = self._steps.get(key)
         if step is None:
-            step = self._steps[present] = self._step(present)
+            step = self._steps[key] = self._step(present, scaled)
         cache = ValueCache()
         if len(step.groups) == 1:
             compute, terms = step.groups[0]
@@ -335,18 +372,45 @@ class LossModule(torch.nn.Module):
         detached = sums.detach()
         self.aggregate.queue(index, detached, counts)
         self._last.value = (step.order, detached, counts, is_sum)
+        self._scaled_layouts.update(new_layouts)
         if factors.dtype != sums.dtype:
             factors = factors.to(sums.dtype)
         return torch.dot(sums, factors)
 
-    def _step(self, present: tuple[int, ...]) -> _Step:
-        """Group the present terms: terms of one class with the same fusion key are
-        computed together (at the position of the first of them), the others alone."""
+    def _scaled_targets(
+        self, predictions: TensorMaps, targets: TensorMaps
+    ) -> tuple[frozenset[str], list[tuple]]:
+        """Targets computed from raw inputs in this call, and the layouts seen for the
+        first time. Only for the mappings of :func:`pl_mtt.scaling.prepare_for_loss`;
+        the first call with a layout takes the general path (its full checks and error
+        messages), later calls with that layout the fused one."""
+        batch = prepared_pair(predictions, targets) if self._scaled else None
+        if batch is None:
+            return frozenset(), []
+        scaled, new = [], []
+        for target, parts in self._scaled.items():
+            if not (predictions.is_lazy(target) and targets.is_lazy(target)):
+                continue
+            key = batch.fusion_key(target, parts)
+            if key is None:
+                continue
+            if (target, key) in self._scaled_layouts:
+                scaled.append(target)
+            else:
+                new.append((target, key))
+        return frozenset(scaled), new
+
+    def _step(self, present: tuple[int, ...], scaled: frozenset[str] = frozenset()) -> _Step:
+        """Group the present terms: the terms of a target computed from raw inputs
+        together; terms of one class with the same fusion key together (at the
+        position of the first of them); the others alone."""
         groups: list[list[tuple[int, LossTerm]]] = []
         by_key: dict = {}
         for index in present:
             term = self.term_list[index]
             key = getattr(term, "fusion_key", None)
+            if term.target in scaled:
+                key = ("scaled", term.target)
             if key is None:
                 groups.append([(index, term)])
             elif (type(term), key) in by_key:
@@ -354,7 +418,7 @@ class LossModule(torch.nn.Module):
             else:
                 by_key[type(term), key] = [(index, term)]
                 groups.append(by_key[type(term), key])
-        return _Step(groups)
+        return _Step(groups, scaled)
 
     def _zero_counts(self) -> torch.Tensor:
         return torch.zeros_like(self.aggregate.totals[1])
@@ -415,7 +479,9 @@ class LossModule(torch.nn.Module):
         """
         layouts, per_atom = {}, []
         for target in self.config:
-            layout = targets.get(target, predictions.get(target))
+            layout = _layout(targets, target)
+            if layout is None:
+                layout = _layout(predictions, target)
             if layout is None or len(layout) == 0:
                 continue
             if target not in predictions and ensemble_output_name(target) not in predictions:
@@ -439,12 +505,19 @@ class LossModule(torch.nn.Module):
             use_per_target_scales=False,
             use_per_property_scales=True,
         )
-        scaled = dict(predictions)
+        scaled = predictions.copy() if hasattr(predictions, "copy") else dict(predictions)
         for target in layouts:
             for name in (target, ensemble_output_name(target)):
                 if name in predictions:
                     scaled[name] = _multiply(predictions[name], scales[target])
         return scaled
+
+
+def _layout(tensors: TensorMaps, name: str) -> TensorMap | None:
+    """Entry ``name`` for its metadata only: without computing it where the mapping can
+    (the mappings of :func:`pl_mtt.scaling.prepare_for_loss`)."""
+    layout = getattr(tensors, "layout", None)
+    return layout(name) if layout is not None else tensors.get(name)
 
 
 def _denominators(counts: torch.Tensor, is_sum: torch.Tensor | None) -> torch.Tensor:

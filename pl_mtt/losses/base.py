@@ -281,6 +281,24 @@ class LossTerm(torch.nn.Module):
         raise NotImplementedError
 
     @property
+    def reads_scaled_inputs(self) -> bool:
+        """Whether :meth:`scaled_sum_and_count` can compute this term from raw model
+        outputs and targets in the units of the data (see
+        :class:`pl_mtt.scaling.prepared.PreparedBatch`); ``False`` by default."""
+        return False
+
+    @classmethod
+    def scaled_sum_and_count(
+        cls, terms: Sequence[LossTerm], inputs
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """The sums and counts of ``terms`` (the value and gradient terms of one target,
+        in the order of ``inputs.parts``) from a
+        :class:`pl_mtt.scaling.prepared.FusedInputs`, with the loss-unit residuals and
+        the masks of the entries that count. Only for terms that
+        :attr:`reads_scaled_inputs`."""
+        raise NotImplementedError
+
+    @property
     def fusion_key(self) -> Hashable | None:
         """Terms of one class with the same non-``None`` key are computed together by
         :meth:`fused_sum_and_count` inside a ``LossModule`` (``None``: never fused)."""

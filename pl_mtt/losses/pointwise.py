@@ -34,6 +34,7 @@ from pl_mtt.losses.functional.pointwise import (
     POINTWISE_KINDS,
     pointwise_segment_sums,
     pointwise_sum_and_count,
+    scaled_segment_sums,
 )
 from pl_mtt.registry import Param, register_loss_type
 from pl_mtt.tensormaps.builders import TensorMaps
@@ -188,6 +189,28 @@ class PointwiseLoss(LossTerm):
         first = terms[0]
         return pointwise_segment_sums(
             p_list, t_list, m_list if first.masked else None, kind=first.kind, delta=first.delta
+        )
+
+    @property
+    def reads_scaled_inputs(self) -> bool:
+        """Unmasked pointwise terms run on raw inputs (the baseline, scale and division
+        by atoms folded into :func:`scaled_segment_sums`)."""
+        return not self.masked
+
+    @classmethod
+    def scaled_sum_and_count(
+        cls, terms: Sequence[PointwiseLoss], inputs
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """All ``terms`` (one target's value and gradients) in one
+        :func:`~pl_mtt.losses.functional.pointwise.scaled_segment_sums` call."""
+        return scaled_segment_sums(
+            inputs.predictions,
+            inputs.targets,
+            inputs.row_factors,
+            inputs.shifts,
+            inputs.inverse_scale,
+            kinds=[term.kind for term in terms],
+            deltas=[term.delta for term in terms],
         )
 
     def extra_repr(self) -> str:

@@ -534,6 +534,47 @@ class CompositionModel(OnePassState, torch.nn.Module):
             result.append(baseline)
         return result
 
+    def structure_baseline(
+        self, atoms: BatchAtoms, name: str, dtype: torch.dtype
+    ) -> torch.Tensor | None:
+        """``[n_systems, P]`` baseline of block 0 of the per-structure target ``name`` per
+        system, in system order (total units; type fractions for targets not divided by
+        atoms), or ``None`` when that block has no baseline.
+
+        One ``embedding_bag`` over the atoms of the batch: the weights of each atom's
+        type summed (averaged) per system, from a table rebuilt only when the weights
+        change. Equal to the values :meth:`baselines` gives per row.
+        """
+        info = self.targets.get(name)
+        if info is None or not info.per_structure or 0 not in self._sums[name]:
+            return None
+        weights = self.target_weights[self._index[name]].weights(0)
+        device = atoms.device
+        table, shift, last = self.derived(
+            ("structure baseline", name, dtype, device),
+            [weights],
+            lambda: self._bag_table(weights, dtype, device),
+        )
+        types = atoms.types
+        index = (types if shift == 0 else types - shift).clamp(0, last)
+        return torch.nn.functional.embedding_bag(
+            index, table, atoms.bag_offsets(), mode="sum" if self._divided(name) else "mean"
+        )
+
+    def _bag_table(
+        self, weights: torch.Tensor, dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, int, int]:
+        """(table, shift, last): row ``clamp(type - shift, 0, last)`` of ``table`` holds
+        the weights of ``type``, zeros for types the model does not know."""
+        padded = pad(weights, (0, 0, 0, 1))  # row n_rows: unknown types
+        lookup = self.type_table.lookup.to(padded.device)  # entry i: row of type offset + i
+        rows = padded.index_select(0, lookup)
+        shift = self.type_table.offset
+        if shift > 0:  # index the table by the atomic type itself: one clamp per step
+            rows = pad(rows, (0, 0, shift, 0))
+            shift = 0
+        return rows.to(device=device, dtype=dtype).contiguous(), shift, rows.shape[0] - 1
+
     def forward(
         self,
         systems: list[System],

@@ -9,7 +9,7 @@ built the same way, or gives a clear error.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -60,6 +60,26 @@ class OnePassState:
         self._index = {name: index for index, name in enumerate(self.targets)}
         self.register_buffer("fitted", torch.tensor(False))
         self.register_buffer("type_seen", torch.zeros(self.type_table.n_rows, dtype=torch.bool))
+
+    def derived(
+        self, key: Hashable, sources: Sequence[torch.Tensor], compute: Callable[[], Any]
+    ) -> Any:
+        """``compute()``, cached until one of the ``sources`` (fitted buffers) changes:
+        is replaced (a device move, a new module state) or modified in place (a fit,
+        ``load_state_dict``). For small tensors derived from the fit that every training
+        step would otherwise recompute; checking costs no tensor operation."""
+        cache = self.__dict__.setdefault("_derived", {})
+        stamp = tuple(source._version for source in sources)
+        entry = cache.get(key)
+        if (
+            entry is not None
+            and entry[1] == stamp
+            and all(a is b for a, b in zip(entry[0], sources, strict=True))
+        ):
+            return entry[2]
+        value = compute()
+        cache[key] = (tuple(sources), stamp, value)
+        return value
 
     def _target_info(self, name: str) -> TargetInfo:
         """The info of target ``name``; an unknown name is a ValueError."""

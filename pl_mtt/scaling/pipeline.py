@@ -45,6 +45,7 @@ import torch
 from metatensor.torch import TensorMap
 from metatomic.torch import System
 
+from pl_mtt.scaling.prepared import LossUnits, PhysicalUnits, PreparedBatch
 from pl_mtt.tensormaps.batch_atoms import BatchAtoms
 from pl_mtt.tensormaps.block_ops import transform_map
 from pl_mtt.tensormaps.builders import ensemble_output_name
@@ -187,16 +188,71 @@ def predictions_for_loss(
 
 def prepare_for_loss(
     module: torch.nn.Module, systems: list[System], predictions: Tensors, targets: Tensors
-) -> tuple[dict[str, TensorMap], dict[str, TensorMap]]:
+) -> tuple[LossUnits, LossUnits]:
     """``(predictions_for_loss, targets_for_loss)`` with ``module.scaler`` and
     ``module.composition`` (attributes a :class:`pl_mtt.ScalerCallback` sets; missing
-    ones are skipped)."""
+    ones are skipped), as two mappings whose entries are computed on first access
+    (:class:`pl_mtt.scaling.prepared.LossUnits`: same values as the two functions,
+    ``dict(...)`` gives plain dicts). The :class:`pl_mtt.LossModule` computes the loss of
+    per-structure targets from them without building any TensorMap, and
+    :func:`for_metrics` hands its residuals on to the metrics."""
     scaler = getattr(module, "scaler", None)
     composition = getattr(module, "composition", None)
-    return (
-        predictions_for_loss(systems, predictions, scaler),
-        targets_for_loss(systems, targets, scaler, composition),
+    batch = PreparedBatch(
+        systems,
+        predictions,
+        targets,
+        scaler,
+        composition,
+        not_divided=not_divided_names(scaler),
+        to_loss_units=functools.partial(_loss_units_entry, systems, scaler, composition),
+        to_metric_units=functools.partial(_metric_units_entry, systems),
     )
+    return (
+        LossUnits(batch, "predictions", list(predictions)),
+        LossUnits(batch, "targets", list(targets)),
+    )
+
+
+def not_divided_names(scaler: torch.nn.Module | None) -> frozenset[str]:
+    """Targets (and their ensemble outputs) the pipeline never divides by atoms: the
+    scaler's ``per_structure_targets``."""
+    return _not_divided(scaler, None)
+
+
+def _loss_units_entry(
+    systems: list[System],
+    scaler: torch.nn.Module | None,
+    composition: torch.nn.Module | None,
+    side: str,
+    name: str,
+    raw: TensorMap,
+) -> TensorMap:
+    """One entry in loss units, as :func:`prepare_for_loss`'s two functions compute it."""
+    if side == "predictions":
+        return predictions_for_loss(systems, {name: raw}, scaler)[name]
+    return targets_for_loss(systems, {name: raw}, scaler, composition)[name]
+
+
+def _metric_units_entry(
+    systems: list[System],
+    side: str,
+    name: str,
+    tensor: TensorMap,
+    scaler: torch.nn.Module | None,
+) -> TensorMap:
+    """One entry in physical units, as :func:`for_metrics` computes it."""
+    if scaler is None:
+        return tensor
+    factors = (True, True) if side == "predictions" else (True, False)
+    return _transform(
+        systems,
+        {name: tensor},
+        divide=False,
+        not_divided=None,
+        scaler=scaler,
+        scaler_factors=factors,
+    )[name]
 
 
 def for_metrics(
@@ -212,7 +268,19 @@ def for_metrics(
     differences), per atom where divided: targets multiplied by their per-target scales,
     predictions by per-target x per-property scales (the per-property factor is the one
     the LossModule applies before the loss).
+
+    Given the mappings of :func:`prepare_for_loss` (and their scaler), returns
+    :class:`pl_mtt.scaling.prepared.PhysicalUnits` mappings: entries computed on first
+    access, and the residuals of the fused loss readable by
+    :class:`pl_mtt.training.metrics.PhysicalMetrics` without computing any entry.
     """
+    if (
+        isinstance(predictions, LossUnits)
+        and isinstance(targets, LossUnits)
+        and predictions.batch is targets.batch
+        and scaler is predictions.batch.scaler
+    ):
+        return PhysicalUnits(predictions, scaler), PhysicalUnits(targets, scaler)
     if scaler is None:
         return dict(predictions), dict(targets)
     return (

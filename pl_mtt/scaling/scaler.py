@@ -415,6 +415,23 @@ class Scaler(OnePassState, torch.nn.Module):
             result.append(self._entity_factors(systems, info, index, table))
         return result
 
+    def inverse_scale(
+        self, name: str, dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor | None:
+        """``1 / per-target scale`` of a per-structure target as a 0-dim tensor (cached
+        until the scales change), or ``None`` when the scaler does not know ``name``.
+        Multiplying by it is :meth:`forward` with ``remove=True`` and the per-target
+        scales only, for a single-property target."""
+        info = self.targets.get(name)
+        if info is None or not info.per_structure:
+            return None
+        per_target = self.target_scales[self._index[name]].per_target
+        return self.derived(
+            ("inverse scale", name, dtype, device),
+            [per_target],
+            lambda: (1.0 / per_target[0]).to(device=device, dtype=dtype),
+        )
+
     def forward(
         self,
         systems: list[System],

@@ -13,6 +13,8 @@ types and atom counts with gathers, never a loop over atoms or types.
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Callable, Hashable, Sequence
 
 import torch
@@ -60,6 +62,12 @@ class TypeTable:
         self._lookup = lookup
         self._lookups: dict[torch.device, torch.Tensor] = {lookup.device: lookup}
 
+    @property
+    def lookup(self) -> torch.Tensor:
+        """``lookup[i]``: the row of type ``offset + i`` (``n_rows`` for unknown types;
+        the first and last entries are always unknown)."""
+        return self._lookup
+
     def rows(self, types: torch.Tensor, *, check: bool = False) -> torch.Tensor:
         """Row index of each entry of ``types`` (``n_rows`` for unknown types).
 
@@ -93,11 +101,18 @@ class TypeTable:
 
 
 @lazy_script
-def _flatten(systems: list[System]) -> tuple[torch.Tensor, list[int]]:
-    """Atom types of all systems, concatenated, and the number of atoms of each system
-    (one TorchScript call instead of one attribute read per system)."""
-    types = [system.types for system in systems]
-    return torch.cat(types), [t.shape[0] for t in types]
+def _flatten(systems: list[System]) -> torch.Tensor:
+    """Atom types of all systems, concatenated (one TorchScript call instead of one
+    attribute read per system)."""
+    return torch.cat([system.types for system in systems])
+
+
+@lazy_script
+def _sizes(systems: list[System]) -> tuple[list[int], torch.device]:
+    """The number of atoms of each system and the device of their types (read from the
+    shapes: no tensor operation)."""
+    sizes = [system.types.shape[0] for system in systems]
+    return sizes, systems[0].types.device
 
 
 @lazy_script
@@ -108,13 +123,20 @@ def _volumes(systems: list[System]) -> torch.Tensor:
     return triple.sum(-1).abs()
 
 
-def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
-    """An int64 tensor of host values on ``device`` without waiting for the device (pinned
+def host_to_device(
+    values: list, device: torch.device, dtype: torch.dtype = torch.long
+) -> torch.Tensor:
+    """A tensor of host values on ``device`` without waiting for the device (pinned
     staging memory and an asynchronous copy on CUDA)."""
-    tensor = torch.tensor(values, dtype=torch.long)
+    tensor = torch.tensor(values, dtype=dtype)
     if device.type == "cuda":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)
+
+
+def _starts(sizes: list[int]) -> list[int]:
+    """Index of the first atom of each system in the flat list."""
+    return list(itertools.accumulate(sizes, initial=0))[:-1]
 
 
 class BatchAtoms:
@@ -133,14 +155,13 @@ class BatchAtoms:
         self.systems = list(systems)
         self.n_systems = len(self.systems)
         if self.systems:
-            self.types, sizes = _flatten(self.systems)
+            self.sizes, self.device = _sizes(self.systems)
         else:
-            self.types, sizes = torch.zeros(0, dtype=torch.int32), []
-        device = self.types.device
-        self.device = device
-        self.total_atoms = int(sum(sizes))
-        self.n_atoms = _to_device(sizes, device)
-        self.first_atom = torch.cumsum(self.n_atoms, 0) - self.n_atoms
+            self.sizes, self.device = [], torch.device("cpu")
+        self.total_atoms = int(sum(self.sizes))
+        self._types: torch.Tensor | None = None
+        self._n_atoms: torch.Tensor | None = None
+        self._first_atom: torch.Tensor | None = None
         self._type_rows: dict[Hashable, torch.Tensor] = {}
         self._checked: set[Hashable] = set()
         self._counts: dict[Hashable, torch.Tensor] = {}
@@ -148,6 +169,49 @@ class BatchAtoms:
         self._system_of_atom: torch.Tensor | None = None
         self._volumes: torch.Tensor | None = None
         self._cache: dict[Hashable, torch.Tensor] = {}
+
+    # everything is computed on first use: a step reads only what it needs
+    @property
+    def types(self) -> torch.Tensor:
+        """``[n_atoms_total]`` atomic type of each atom (systems concatenated)."""
+        if self._types is None:
+            if self.systems:
+                self._types = _flatten(self.systems)
+            else:
+                self._types = torch.zeros(0, dtype=torch.int32)
+        return self._types
+
+    @property
+    def n_atoms(self) -> torch.Tensor:
+        """``[n_systems]`` number of atoms per system (int64)."""
+        if self._n_atoms is None:
+            self._n_atoms = host_to_device(self.sizes, self.device)
+        return self._n_atoms
+
+    @property
+    def first_atom(self) -> torch.Tensor:
+        """``[n_systems]`` index of each system's first atom in the flat list (int64)."""
+        if self._first_atom is None:
+            self._first_atom = host_to_device(_starts(self.sizes), self.device)
+        return self._first_atom
+
+    def bag_offsets(self) -> torch.Tensor:
+        """:attr:`first_atom` in the integer type of :attr:`types` (the ``offsets`` of
+        ``torch.nn.functional.embedding_bag`` over the atoms)."""
+        return self.cached(
+            "bag offsets",
+            lambda: host_to_device(_starts(self.sizes), self.device, self.types.dtype),
+        )
+
+    def inverse_atom_counts(self, dtype: torch.dtype) -> torch.Tensor:
+        """``[n_systems, 1]`` ``1 / n_atoms`` per system in ``dtype`` (computed on the
+        host: one transfer, no device operation)."""
+        return self.cached(
+            ("inverse atom counts", dtype),
+            lambda: host_to_device(
+                [[1.0 / n if n else math.inf] for n in self.sizes], self.device, dtype
+            ),
+        )
 
     _last: BatchAtoms | None = None  # the batch seen last (shared by every stage of a step)
 

@@ -21,8 +21,10 @@ from metatensor.torch import TensorMap
 from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError
 
 from pl_mtt.config import gradient_alias, is_energy_like
+from pl_mtt.scaling.prepared import physical_pair
 from pl_mtt.tensormaps.batch_atoms import BatchAtoms
 from pl_mtt.tensormaps.block_ops import flat_values
+from pl_mtt.training.residual_queue import QueuedResidual, ResidualQueue
 
 __all__ = ["MetricSpec", "PhysicalMetrics", "metric_specs"]
 
@@ -123,6 +125,11 @@ class PhysicalMetrics(torch.nn.Module):
     where divided, as :mod:`pl_mtt.scaling` returns them for metrics); :meth:`compute`
     returns the epoch values, reduced across DDP ranks (torchmetrics), for
     ``LightningModule.log_dict``; :meth:`reset` starts a new epoch.
+
+    Given the mappings of :func:`pl_mtt.scaling.for_metrics` for a batch whose loss was
+    fused (:mod:`pl_mtt.scaling.prepared`), an update only keeps the loss's residuals
+    (no tensor operation); they are summed many steps at a time
+    (:class:`pl_mtt.training.residual_queue.ResidualQueue`) before the state is read.
     """
 
     def __init__(self, specs: Sequence[MetricSpec], stage: str) -> None:
@@ -143,6 +150,7 @@ class PhysicalMetrics(torch.nn.Module):
         n_outputs = max(len(self.specs), 1)
         self.mae = SummedMeanAbsoluteError(n_outputs).set_dtype(torch.float64)
         self.rmse = SummedRootMeanSquaredError(n_outputs).set_dtype(torch.float64)
+        self.queue = ResidualQueue(n_outputs)
 
     def key(self, spec: MetricSpec, kind: str) -> str:
         return f"{self.stage}/{spec.name}/{kind}".replace(".", "_")
@@ -153,10 +161,14 @@ class PhysicalMetrics(torch.nn.Module):
         targets: Mapping[str, TensorMap],
         systems: Sequence,
     ) -> None:
-        """Add one batch: one flattening per TensorMap, one update per metric kind."""
+        """Add one batch: the fused loss's residuals queued where there are some, else
+        one flattening per TensorMap and one update per metric kind."""
+        queued = self._queue_residuals(predictions, targets, systems)
         flat: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         for name, parts in self.parts.items():
-            if name in targets:
+            if name in targets and not all(
+                j in queued for j, spec in enumerate(self.specs) if spec.target == name
+            ):
                 flat[name] = (
                     flat_values(predictions[name], parts),
                     flat_values(targets[name], parts),
@@ -165,8 +177,8 @@ class PhysicalMetrics(torch.nn.Module):
             return
         atoms = BatchAtoms.of(systems) if any(s.stress_from_strain for s in self.specs) else None
         preds, target, sizes = [], [], []
-        for spec, part in zip(self.specs, self.part_index, strict=True):
-            if spec.target not in flat:
+        for j, (spec, part) in enumerate(zip(self.specs, self.part_index, strict=True)):
+            if spec.target not in flat or j in queued:
                 sizes.append(0)
                 continue
             p, t = flat[spec.target][0][part], flat[spec.target][1][part]
@@ -196,8 +208,61 @@ class PhysicalMetrics(torch.nn.Module):
         self.mae.update(sum_abs, counts)
         self.rmse.update(sum_squares, counts)
 
+    def _queue_residuals(
+        self, predictions: Mapping[str, TensorMap], targets: Mapping[str, TensorMap], systems
+    ) -> set[int]:
+        """Queue the fused loss's residuals of every spec that has them; returns those
+        specs."""
+        batch = physical_pair(predictions, targets)
+        if batch is None or not batch.residuals:
+            return set()
+        residuals = []
+        for j, spec in enumerate(self.specs):
+            record = batch.residuals.get(spec.target)
+            part = spec.gradient or ""
+            if (
+                record is None
+                or part not in record.parts
+                or not (predictions.is_lazy(spec.target) and targets.is_lazy(spec.target))
+            ):
+                continue
+            position = record.parts.index(part)
+            difference = record.differences[position]
+            stress = None
+            if spec.stress_from_strain:
+                stress = ResidualQueue.stress_info(systems, spec.target in self.per_atom_strain)
+                if difference.numel() != 9 * len(stress[0]):
+                    raise ValueError(
+                        f"stress metric of '{spec.target}': expected one 3x3 strain gradient "
+                        f"per structure ({9 * len(stress[0])} entries), got "
+                        f"{difference.numel()}"
+                    )
+            residuals.append(
+                QueuedResidual(
+                    j,
+                    difference,
+                    record.valid[position],
+                    record.counts,
+                    position,
+                    record.inverse_scale,
+                    stress,
+                )
+            )
+        if residuals and self.queue.add(residuals):
+            self.flush()
+        return {residual.output for residual in residuals}
+
+    def flush(self) -> None:
+        """Add the queued residuals to the state."""
+        sums = self.queue.flush()
+        if sums is not None:
+            sum_abs, sum_squares, counts = sums
+            self.mae.update(sum_abs, counts)
+            self.rmse.update(sum_squares, counts)
+
     def compute(self) -> dict[str, torch.Tensor]:
         """``{key: value}`` for every spec and kind (reduced across ranks)."""
+        self.flush()
         # torchmetrics squeezes a one-element result
         mae, rmse = self.mae.compute().reshape(-1), self.rmse.compute().reshape(-1)
         result = {}
@@ -207,8 +272,13 @@ class PhysicalMetrics(torch.nn.Module):
         return result
 
     def reset(self) -> None:
+        self.queue.clear()
         self.mae.reset()
         self.rmse.reset()
+
+    def _apply(self, fn, *args, **kwargs):
+        self.flush()  # the queued residuals live where the state was
+        return super()._apply(fn, *args, **kwargs)
 
     def units(self) -> dict[str, str]:
         """Metric key -> unit, for tables and plot labels."""

@@ -13,6 +13,9 @@ tensor(2.1250)
 :func:`pointwise_segment_sums` computes several independent (sum, count) pairs in one
 call (one per segment, e.g. the energy, force and stress terms of a LossModule) with a
 single autograd node: the per-entry code is the same as :func:`pointwise_sum_and_count`.
+:func:`scaled_segment_sums` does the same on raw model outputs and targets in the units
+of the data, bringing both to loss units on the way (baseline, scale, division by atoms)
+without building the intermediate tensors.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ __all__ = [
     "pointwise_sum_and_count",
     "pointwise_total",
     "reduce_total",
+    "scaled_segment_sums",
 ]
 
 POINTWISE_KINDS = ("mse", "mae", "huber")
@@ -228,3 +232,192 @@ def reduce_total(total: torch.Tensor, count: torch.Tensor, reduction: str) -> to
     if reduction == "mean":
         return total / count.clamp(min=1)
     raise ValueError(f"reduction must be 'mean' or 'sum' here, got {reduction!r}")
+
+
+def _segment_totals(
+    differences: Sequence[torch.Tensor], kinds: Sequence[str], deltas: Sequence[float]
+) -> torch.Tensor:
+    """``(K,)`` sum of the pointwise loss of each difference (ignored entries are 0).
+
+    ``mse`` and ``mae`` segments are reduced by one ``_foreach_norm`` call for all of
+    them (one kernel launch on GPUs); ``huber`` per segment. A future per-entry weight
+    multiplies the elementwise loss here.
+    """
+    if all(kind == "mse" for kind in kinds):
+        return torch.stack(torch._foreach_norm(list(differences), 2)).square()
+    if all(kind == "mae" for kind in kinds):
+        return torch.stack(torch._foreach_norm(list(differences), 1))
+    return torch.stack(
+        [
+            pointwise_total(difference, kind, delta)
+            for difference, kind, delta in zip(differences, kinds, deltas, strict=True)
+        ]
+    )
+
+
+def _scaled_differences(
+    predictions: Sequence[torch.Tensor],
+    targets: Sequence[torch.Tensor],
+    row_factors: Sequence[torch.Tensor | None],
+    shifts: Sequence[torch.Tensor | None],
+    inverse_scale: torch.Tensor | None,
+) -> list[torch.Tensor]:
+    """``(p - (t - shift) x inverse_scale) x row_factor`` per segment, with autograd
+    (the backward's recomputation under ``create_graph``)."""
+    result = []
+    for p, t, f, c in zip(predictions, targets, row_factors, shifts, strict=True):
+        loss_target = t if c is None else t - c
+        if inverse_scale is not None:
+            loss_target = loss_target * inverse_scale
+        difference = p - loss_target
+        result.append(difference if f is None else difference * f)
+    return result
+
+
+_ZEROS: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _zero(like: torch.Tensor) -> torch.Tensor:
+    """A 0-dim zero of ``like``'s dtype and device, made once (never written to)."""
+    key = (like.dtype, like.device)
+    zero = _ZEROS.get(key)
+    if zero is None:
+        zero = _ZEROS[key] = torch.zeros((), dtype=like.dtype, device=like.device)
+    return zero
+
+
+class _ScaledSegmentSums(torch.autograd.Function):
+    """:func:`scaled_segment_sums` as one autograd node.
+
+    ``tensors`` holds the K predictions, the K targets, the K row factors, the K shifts
+    (``None`` where absent) and the inverse scale (or ``None``). The forward saves the
+    masked differences, which give the first derivatives directly; under
+    ``create_graph`` the backward recomputes them from the inputs.
+    """
+
+    @staticmethod
+    def forward(ctx, kinds: tuple, deltas: tuple, n: int, results: list, *tensors):
+        predictions, targets = tensors[:n], tensors[n : 2 * n]
+        row_factors, shifts = tensors[2 * n : 3 * n], tensors[3 * n : 4 * n]
+        inverse_scale = tensors[4 * n]
+        loss_targets = [t if c is None else t - c for t, c in zip(targets, shifts, strict=True)]
+        if inverse_scale is not None:  # one multi-tensor kernel for all segments
+            loss_targets = torch._foreach_mul(loss_targets, inverse_scale)
+        differences = torch._foreach_sub(list(predictions), loss_targets)
+        for difference, factor in zip(differences, row_factors, strict=True):
+            if factor is not None:
+                difference.mul_(factor)
+        # an entry counts when its target is not NaN (NaN != NaN); the others give an
+        # exact 0 whatever the prediction there
+        valid = [t == t for t in targets]
+        zero = _zero(differences[0])
+        differences = [torch.where(v, d, zero) for v, d in zip(valid, differences, strict=True)]
+        counts = torch.stack([torch.count_nonzero(v) for v in valid])
+        sums = _segment_totals(differences, kinds, deltas)
+        ctx.mark_non_differentiable(counts)
+        ctx.save_for_backward(*differences, *tensors)
+        ctx.kinds, ctx.deltas, ctx.n = kinds, deltas, n
+        results.append((differences, valid))  # for the caller (metrics read them)
+        return sums, counts
+
+    @staticmethod
+    def backward(ctx, grad_sums: torch.Tensor, _grad_counts: torch.Tensor | None):
+        n = ctx.n
+        saved = ctx.saved_tensors
+        differences, tensors = saved[:n], saved[n:]
+        row_factors, inverse_scale = tensors[2 * n : 3 * n], tensors[4 * n]
+        if torch.is_grad_enabled():  # create_graph: differentiable in the inputs
+            recomputed = _scaled_differences(
+                tensors[:n], tensors[n : 2 * n], row_factors, tensors[3 * n : 4 * n], inverse_scale
+            )
+            differences = [
+                torch.where(t == t, d, torch.zeros_like(d))
+                for t, d in zip(tensors[n : 2 * n], recomputed, strict=True)
+            ]
+        grads = []
+        for k, (difference, factor, kind, delta) in enumerate(
+            zip(differences, row_factors, ctx.kinds, ctx.deltas, strict=True)
+        ):
+            grad = pointwise_derivatives([difference], grad_sums[k : k + 1], kind, delta)[0]
+            grads.append(grad if factor is None else grad * factor)
+        wants = ctx.needs_input_grad[4:]
+        prediction_grads = [g if w else None for g, w in zip(grads, wants[:n], strict=True)]
+        # d/dt = -inverse_scale x row_factor x loss'; d/dshift = +inverse_scale x ...
+        target_grads, shift_grads = [], []
+        for k, grad in enumerate(grads):
+            wants_target, wants_shift = wants[n + k], wants[3 * n + k]
+            scaled = None
+            if wants_target or wants_shift:
+                scaled = grad if inverse_scale is None else grad * inverse_scale
+            target_grads.append(-scaled if wants_target else None)
+            shift_grads.append(scaled if wants_shift else None)
+        return (
+            None,
+            None,
+            None,
+            None,
+            *prediction_grads,
+            *target_grads,
+            *([None] * n),
+            *shift_grads,
+            None,
+        )
+
+
+def scaled_segment_sums(
+    predictions: Sequence[torch.Tensor],
+    targets: Sequence[torch.Tensor],
+    row_factors: Sequence[torch.Tensor | None] | None = None,
+    shifts: Sequence[torch.Tensor | None] | None = None,
+    inverse_scale: torch.Tensor | None = None,
+    *,
+    kinds: Sequence[str],
+    deltas: Sequence[float] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """Pointwise sums of K segments after bringing the targets to the predictions'
+    units, as one autograd node.
+
+    Segment ``k`` compares ``predictions[k] x row_factors[k]`` with ``(targets[k] -
+    shifts[k]) x inverse_scale x row_factors[k]``: with raw model outputs, targets in the
+    units of the data, the composition baseline as shift, the inverse per-target scale
+    and ``1 / n_atoms`` per row as row factor, these are the loss units of
+    :mod:`pl_mtt.scaling` (``None`` entries: not applied). Row factors and shifts
+    broadcast against their segment; the inverse scale is a 0-dim tensor.
+
+    Entries whose target is NaN are ignored (as in :func:`pointwise_sum_and_count`).
+    Returns the ``(K,)`` sums of the loss ``kinds[k]`` (``deltas[k]`` for ``huber``), the
+    ``(K,)`` ``int64`` counts of entries that count, and per segment the differences in
+    loss units (ignored entries 0; no autograd history) and the boolean mask of the
+    entries that count, for metrics that read the same residuals. No gradient flows to
+    the row factors or the inverse scale.
+    """
+    n_segments = len(predictions)
+    if n_segments == 0:
+        raise ValueError("scaled_segment_sums needs at least one segment")
+    row_factors = list(row_factors) if row_factors is not None else [None] * n_segments
+    shifts = list(shifts) if shifts is not None else [None] * n_segments
+    deltas = list(deltas) if deltas is not None else [1.0] * n_segments
+    lengths = {len(targets), len(row_factors), len(shifts), len(kinds), len(deltas)}
+    if lengths != {n_segments}:
+        raise ValueError(
+            f"scaled_segment_sums: {n_segments} predictions, {len(targets)} targets, "
+            f"{len(row_factors)} row factors, {len(shifts)} shifts, {len(kinds)} kinds "
+            f"and {len(deltas)} deltas; expected one of each per segment"
+        )
+    unknown = [kind for kind in kinds if kind not in POINTWISE_KINDS]
+    if unknown:
+        raise _unknown_kind(unknown[0])
+    results: list = []
+    sums, counts = _ScaledSegmentSums.apply(
+        tuple(kinds),
+        tuple(float(d) for d in deltas),
+        n_segments,
+        results,
+        *predictions,
+        *targets,
+        *row_factors,
+        *shifts,
+        inverse_scale,
+    )
+    differences, valid = results[0]
+    return sums, counts, differences, valid
