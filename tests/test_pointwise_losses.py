@@ -13,6 +13,7 @@ from pl_mtt.losses.functional.pointwise import (
     pointwise_loss,
     pointwise_segment_sums,
     pointwise_sum_and_count,
+    scaled_segment_sums,
 )
 from tests.scripts.losses_data import (
     energy_map,
@@ -381,6 +382,133 @@ def test_segment_sums_bad_arguments():
         pointwise_segment_sums([x, x], [x, x], [x])
     with pytest.raises(ValueError, match="at least one segment"):
         pointwise_segment_sums([], [])
+
+
+# --- raw inputs brought to loss units on the way (the lean step's fused loss) -------------
+def _scaled_inputs(generator):
+    """Energy-, force- and stress-like segments: raw predictions, targets with NaNs, a
+    per-row factor (1 / n_atoms) broadcast over the stress components, a shift on the
+    values, an inverse scale."""
+    predictions, targets, _ = _segments(generator)
+    predictions, targets = predictions[:3], targets[:3]
+    rows = torch.rand(6, 1, generator=generator, dtype=torch.float64) + 0.2
+    row_factors = [rows, None, rows.view(6, 1, 1, 1)]
+    shifts = [torch.randn(6, 1, generator=generator, dtype=torch.float64) * 10, None, None]
+    inverse_scale = torch.tensor(0.37, dtype=torch.float64)
+    return predictions, targets, row_factors, shifts, inverse_scale
+
+
+def _scaled_reference(kinds, delta, predictions, targets, row_factors, shifts, inverse_scale):
+    """Loops: d = (p - (t - shift) * inverse_scale) * row_factor per entry, NaN targets
+    skipped; per segment (sum of the loss, count)."""
+    result = []
+    for k, (p, t, f, c) in enumerate(zip(predictions, targets, row_factors, shifts, strict=True)):
+        shape = t.shape
+        f = torch.ones(shape, dtype=torch.float64) if f is None else f.expand(shape)
+        c = torch.zeros(shape, dtype=torch.float64) if c is None else c.expand(shape)
+        total, count = 0.0, 0
+        for pj, tj, fj, cj in zip(
+            p.detach().reshape(-1).tolist(),
+            t.detach().reshape(-1).tolist(),
+            f.reshape(-1).tolist(),
+            c.reshape(-1).tolist(),
+            strict=True,
+        ):
+            if math.isnan(tj):
+                continue
+            d = (pj - (tj - cj) * float(inverse_scale)) * fj
+            total += elementwise_reference(kinds[k], d, delta)
+            count += 1
+        result.append((total, count))
+    return result
+
+
+@pytest.mark.parametrize("kinds", [["mse"] * 3, ["mae"] * 3, ["huber", "mae", "mse"]])
+def test_scaled_segment_sums_match_loop_reference(generator, kinds):
+    inputs = _scaled_inputs(generator)
+    sums, counts, differences, valid = scaled_segment_sums(*inputs, kinds=kinds, deltas=[0.4] * 3)
+    expected = _scaled_reference(kinds, 0.4, *inputs)
+    torch.testing.assert_close(
+        sums.detach(),
+        torch.tensor([e[0] for e in expected], dtype=torch.float64),
+        rtol=1e-12,
+        atol=1e-12,
+    )
+    assert counts.tolist() == [e[1] for e in expected]
+    # the residuals in loss units, 0 where the target is NaN, and the masks that count
+    for d, v, t in zip(differences, valid, inputs[1], strict=True):
+        assert not d.requires_grad
+        assert torch.equal(v, ~torch.isnan(t))
+        assert torch.all(d[~v] == 0)
+    # the same as pointwise_segment_sums on inputs already in loss units
+    p, t, f, c, s = inputs
+    in_loss_units = [
+        (
+            x if fx is None else x * fx,
+            ((y if cx is None else y - cx) * s) * (1 if fx is None else fx),
+        )
+        for x, y, fx, cx in zip(p, t, f, c, strict=True)
+    ]
+    for k, (px, tx) in enumerate(in_loss_units):
+        total, count = pointwise_sum_and_count(px, tx, kind=kinds[k], delta=0.4)
+        torch.testing.assert_close(sums[k], total, rtol=1e-12, atol=1e-12)
+        assert counts[k] == count
+
+
+def test_scaled_segment_sums_hand_computed():
+    """d = (p - (t - c) s) f: p = 3, t = 5, c = 1, s = 0.5, f = 0.25 -> d = 0.25;
+    the NaN target is skipped whatever the prediction (inf)."""
+    prediction = torch.tensor([[3.0], [math.inf]], dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([[5.0], [math.nan]], dtype=torch.float64)
+    sums, counts, _, _ = scaled_segment_sums(
+        [prediction],
+        [target],
+        [torch.tensor([[0.25], [0.5]], dtype=torch.float64)],
+        [torch.tensor([[1.0], [2.0]], dtype=torch.float64)],
+        torch.tensor(0.5, dtype=torch.float64),
+        kinds=["mse"],
+    )
+    assert sums.tolist() == [0.0625]
+    assert counts.tolist() == [1]
+    (grad,) = torch.autograd.grad(sums.sum(), prediction)
+    assert grad.tolist() == [[2 * 0.25 * 0.25], [0.0]]  # 2 d f, 0 where ignored
+
+
+@pytest.mark.parametrize("kinds", [["mse"] * 3, ["huber", "mae", "mse"]])
+def test_scaled_segment_sums_gradcheck_and_gradgradcheck(generator, kinds):
+    predictions, targets, row_factors, shifts, inverse_scale = _scaled_inputs(generator)
+    targets = [t.requires_grad_(True) for t in targets]
+    shift = shifts[0].requires_grad_(True)
+    n = len(predictions)
+
+    def sums(*tensors):
+        return scaled_segment_sums(
+            tensors[:n],
+            tensors[n : 2 * n],
+            row_factors,
+            [tensors[-1], None, None],
+            inverse_scale,
+            kinds=kinds,
+            deltas=[0.4] * n,
+        )[0]
+
+    inputs = (*predictions, *targets, shift)
+    assert torch.autograd.gradcheck(sums, inputs)
+    assert torch.autograd.gradgradcheck(sums, inputs)
+
+
+def test_scaled_segment_sums_without_gradients_and_bad_arguments():
+    x = torch.ones(3, 1, dtype=torch.float64)
+    sums, counts, _differences, _ = scaled_segment_sums([x], [x], kinds=["mse"])
+    assert sums.tolist() == [0.0]
+    assert counts.tolist() == [3]
+    assert not sums.requires_grad
+    with pytest.raises(ValueError, match="unknown pointwise loss kind 'mape'"):
+        scaled_segment_sums([x], [x], kinds=["mape"])
+    with pytest.raises(ValueError, match="2 predictions, 1 targets"):
+        scaled_segment_sums([x, x], [x], kinds=["mse", "mse"])
+    with pytest.raises(ValueError, match="at least one segment"):
+        scaled_segment_sums([], [], kinds=[])
 
 
 # --- layout checks ------------------------------------------------------------------------

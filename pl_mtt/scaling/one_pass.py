@@ -81,6 +81,12 @@ class OnePassState:
         cache[key] = (tuple(sources), stamp, value)
         return value
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state = dict(state)
+        state.pop("_derived", None)  # a cache: rebuilt on first use, never saved
+        return state
+
     def _target_info(self, name: str) -> TargetInfo:
         """The info of target ``name``; an unknown name is a ValueError."""
         info = self.targets.get(name)

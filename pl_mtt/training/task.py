@@ -171,7 +171,8 @@ class AtomisticTask(pl.LightningModule):
         points become NaN and are left out)."""
         if not self.dos_targets:
             return predictions, targets
-        predictions, targets = dict(predictions), dict(targets)
+        # copies that compute nothing yet (the mappings of pl_mtt.scaling stay lazy)
+        predictions, targets = predictions.copy(), targets.copy()
         for name, entry in self.dos_targets.items():
             if name not in predictions or name not in targets:
                 continue
