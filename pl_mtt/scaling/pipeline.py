@@ -34,6 +34,10 @@ per-property scales: :class:`pl_mtt.LossModule` does that itself, with the scale
         predictions = self.model(systems)
         predictions, targets = scaling.prepare_for_loss(self, systems, predictions, targets)
         return self.loss(predictions, targets, extra_data, systems)
+
+:func:`prepare_for_loss` returns mappings whose entries are computed on first access;
+the LossModule computes per-structure targets from them without building TensorMaps
+(:mod:`pl_mtt.scaling.prepared`).
 """
 
 from __future__ import annotations
