@@ -13,10 +13,9 @@ types and atom counts with gathers, never a loop over atoms or types.
 
 from __future__ import annotations
 
-import itertools
-import math
 from collections.abc import Callable, Hashable, Sequence
 
+import numpy as np
 import torch
 from metatensor.torch import Labels
 from metatomic.torch import System
@@ -124,19 +123,17 @@ def _volumes(systems: list[System]) -> torch.Tensor:
 
 
 def host_to_device(
-    values: list, device: torch.device, dtype: torch.dtype = torch.long
+    values: list | np.ndarray, device: torch.device, dtype: torch.dtype = torch.long
 ) -> torch.Tensor:
-    """A tensor of host values on ``device`` without waiting for the device (pinned
-    staging memory and an asynchronous copy on CUDA)."""
-    tensor = torch.tensor(values, dtype=dtype)
+    """A tensor of host values (a list or a NumPy array) on ``device`` without waiting
+    for the device (pinned staging memory and an asynchronous copy on CUDA)."""
+    tensor = torch.as_tensor(values, dtype=dtype)
     if device.type == "cuda":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)
 
 
-def _starts(sizes: list[int]) -> list[int]:
-    """Index of the first atom of each system in the flat list."""
-    return list(itertools.accumulate(sizes, initial=0))[:-1]
+_NUMPY_FLOATS = {torch.float64: np.float64, torch.float32: np.float32, torch.float16: np.float16}
 
 
 class BatchAtoms:
@@ -192,15 +189,24 @@ class BatchAtoms:
     def first_atom(self) -> torch.Tensor:
         """``[n_systems]`` index of each system's first atom in the flat list (int64)."""
         if self._first_atom is None:
-            self._first_atom = host_to_device(_starts(self.sizes), self.device)
+            self._first_atom = host_to_device(self._starts(np.int64), self.device)
         return self._first_atom
+
+    def _starts(self, dtype: type) -> np.ndarray:
+        """Index of the first atom of each system in the flat list (on the host)."""
+        sizes = np.asarray(self.sizes, dtype=dtype)
+        return np.cumsum(sizes, dtype=dtype) - sizes
 
     def bag_offsets(self) -> torch.Tensor:
         """:attr:`first_atom` in the integer type of :attr:`types` (the ``offsets`` of
         ``torch.nn.functional.embedding_bag`` over the atoms)."""
         return self.cached(
             "bag offsets",
-            lambda: host_to_device(_starts(self.sizes), self.device, self.types.dtype),
+            lambda: host_to_device(
+                self._starts(np.int32 if self.types.dtype == torch.int32 else np.int64),
+                self.device,
+                self.types.dtype,
+            ),
         )
 
     def inverse_atom_counts(self, dtype: torch.dtype) -> torch.Tensor:
@@ -208,10 +214,16 @@ class BatchAtoms:
         host: one transfer, no device operation)."""
         return self.cached(
             ("inverse atom counts", dtype),
-            lambda: host_to_device(
-                [[1.0 / n if n else math.inf] for n in self.sizes], self.device, dtype
-            ),
+            lambda: host_to_device(self._inverse_sizes(dtype), self.device, dtype),
         )
+
+    def _inverse_sizes(self, dtype: torch.dtype) -> np.ndarray:
+        """``[n_systems, 1]`` ``1 / n_atoms`` on the host (``inf`` for empty systems), in
+        ``dtype`` where NumPy has it (then the transfer converts nothing)."""
+        sizes = np.asarray(self.sizes, dtype=np.float64).reshape(-1, 1)
+        with np.errstate(divide="ignore"):
+            inverse = 1.0 / sizes
+        return inverse.astype(_NUMPY_FLOATS.get(dtype, np.float64))
 
     _last: BatchAtoms | None = None  # the batch seen last (shared by every stage of a step)
 

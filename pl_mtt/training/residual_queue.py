@@ -13,6 +13,7 @@ read and every :attr:`ResidualQueue.STEPS` steps.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -153,8 +154,8 @@ def _reduce(residuals: list[QueuedResidual]) -> tuple[torch.Tensor, torch.Tensor
         return torch.linalg.vector_norm(flat, 1), torch.dot(flat, flat), _counts(residuals)
     # stress = strain gradient x (n_atoms if it is per atom) / volume, per structure;
     # structures without a cell (volume 0) do not count
-    sizes = [n for r in residuals for n in r.stress[0]]
-    cells = [c for r in residuals for c in r.stress[1]]
+    sizes = list(itertools.chain.from_iterable(r.stress[0] for r in residuals))
+    cells = list(itertools.chain.from_iterable(r.stress[1] for r in residuals))
     volumes = _volumes(cells).to(torch.float64)
     factor = 1.0 / volumes
     if residuals[0].stress[2]:
