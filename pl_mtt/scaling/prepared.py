@@ -408,31 +408,30 @@ class PhysicalUnits(_Entries):
         return super().is_lazy(name) and self.source.is_lazy(name)
 
 
-def prepared_pair(predictions: Mapping, targets: Mapping) -> PreparedBatch | None:
-    """The batch behind ``predictions`` and ``targets`` when both are the
-    :class:`LossUnits` of one :func:`prepare_for_loss` call, else None."""
+def _pair_batch(predictions: Mapping, targets: Mapping, kind: type) -> PreparedBatch | None:
+    """The batch behind a (predictions, targets) pair of ``kind`` mappings, or None."""
     if (
-        type(predictions) is LossUnits
-        and type(targets) is LossUnits
+        type(predictions) is kind
+        and type(targets) is kind
         and predictions.batch is targets.batch
         and predictions.side == "predictions"
         and targets.side == "targets"
     ):
         return targets.batch
     return None
+
+
+def prepared_pair(predictions: Mapping, targets: Mapping) -> PreparedBatch | None:
+    """The batch behind ``predictions`` and ``targets`` when both are the
+    :class:`LossUnits` of one :func:`prepare_for_loss` call, else None."""
+    return _pair_batch(predictions, targets, LossUnits)
 
 
 def physical_pair(predictions: Mapping, targets: Mapping) -> PreparedBatch | None:
     """The batch behind ``predictions`` and ``targets`` when both are the
-    :class:`PhysicalUnits` of one :func:`for_metrics` call, else None."""
-    if (
-        type(predictions) is PhysicalUnits
-        and type(targets) is PhysicalUnits
-        and predictions.batch is targets.batch
-        and predictions.scaler is targets.scaler
-        and predictions.scaler is predictions.batch.scaler
-        and predictions.side == "predictions"
-        and targets.side == "targets"
-    ):
-        return targets.batch
-    return None
+    :class:`PhysicalUnits` of one :func:`for_metrics` call (with the batch's scaler),
+    else None."""
+    batch = _pair_batch(predictions, targets, PhysicalUnits)
+    if batch is None or not (predictions.scaler is targets.scaler is batch.scaler):
+        return None
+    return batch
