@@ -351,3 +351,135 @@ def expand_loss_config(loss: Any, targets: Mapping[str, Any]) -> dict[str, dict]
         name: _expand_target(name, loss.get(name), targets[name] or {}, target_gradients[name])
         for name in targets
     }
+
+
+def _rename_path(error: ValueError, path: str) -> ValueError:
+    """The error of an expansion with its key paths under ``path`` instead of ``loss``."""
+    message = str(error)
+    if path != "loss" and (message.startswith("loss.") or message.startswith("loss:")):
+        message = path + message[len("loss") :]
+    return ValueError(message)
+
+
+def _merge_term(base: Mapping[str, Any], override: Any, path: str) -> dict:
+    """``override`` (a type name, a mapping of fields, or None) over one expanded term.
+
+    Fields not given keep their base value. A new type drops the parameters of the old
+    type (weight and reduction are kept); the new type's parameters take the given
+    values or their defaults.
+    """
+    if override is False:
+        raise ValueError(f"{path}: a term cannot be removed here (set its weight to 0.0 instead)")
+    if override is None:
+        override = {}
+    elif isinstance(override, str):
+        override = {"type": override}
+    elif not isinstance(override, Mapping):
+        raise ValueError(
+            f"{path}: expected a loss type name or a mapping of term fields, got {override!r}"
+        )
+    merged = {k: v for k, v in base.items() if k != "gradients"}
+    if "type" in override and override["type"] != base["type"]:
+        merged = {k: merged[k] for k in ("weight", "reduction")}
+    merged.update(override)
+    return merged
+
+
+def merge_loss_config(
+    base: Any, override: Any, targets: Mapping[str, Any], path: str = "loss"
+) -> dict[str, dict]:
+    """``override``, a partial loss config in any form, merged over ``base``; the result
+    in the internal form (as :func:`expand_loss_config`).
+
+    Only what ``override`` gives changes: ``{energy: {forces: {weight: 10.0}}}`` changes
+    one weight; a type name (``forces: mae``) changes a type and keeps the weight; a
+    global shorthand (``mae``) changes every type. The terms stay the same: naming a
+    target or gradient without a term in ``base`` is an error (``path`` prefixes the
+    key paths of errors, e.g. ``loss_schedule[0].loss``).
+
+    .. code-block:: python
+
+        merge_loss_config({"energy": {"forces": "mae"}}, {"energy": {"weight": 10.0}},
+                          {"energy": {"quantity": "energy", "forces": True}})
+        # energy: mse, weight 10.0; energy/forces: mae, weight 1.0
+    """
+    targets = to_plain(targets) or {}
+    expanded = expand_loss_config(base, targets)
+    override = to_plain(override)
+    if override is None:
+        return expanded
+
+    def terms_of(name: str) -> str:
+        gradients = expanded[name]["gradients"]
+        names = [name, *(f"{name}/{gradient_alias(name, targets[name], g)}" for g in gradients)]
+        return ", ".join(names)
+
+    merged: dict[str, dict] = {}
+    if isinstance(override, str):
+        for name, entry in expanded.items():
+            merged[name] = _merge_term(entry, override, path)
+            merged[name]["gradients"] = {
+                g: _merge_term(term, override, path) for g, term in entry["gradients"].items()
+            }
+    elif isinstance(override, Mapping):
+        for name in override:
+            if name not in expanded:
+                names = list(expanded)
+                raise ValueError(
+                    f"{path}.{name}: '{name}' has no term in the loss, and terms cannot be "
+                    f"added here. Terms exist for: {_expected_list(names) or 'none'}."
+                    f"{_suggest(name, names)}"
+                )
+        for name, entry in expanded.items():
+            spec = override.get(name)
+            target_path = f"{path}.{name}"
+            energy_like = is_energy_like(name, targets[name])
+            mapping = spec if isinstance(spec, Mapping) else {}
+            gradient_specs: dict[str, tuple[str, Any]] = {}  # gradient -> (key, spec)
+            for key, gradient in MLIP_GRADIENT_KEYS.items():
+                if key in mapping and energy_like:
+                    gradient_specs[gradient] = (key, mapping[key])
+            explicit = mapping.get("gradients") or {}
+            if not isinstance(explicit, Mapping):
+                raise ValueError(
+                    f"{target_path}.gradients: expected a mapping of gradient name -> loss "
+                    f"term, got {explicit!r}"
+                )
+            for gradient, gradient_spec in explicit.items():
+                if gradient in gradient_specs:
+                    raise ValueError(
+                        f"{target_path}.gradients.{gradient}: already given as "
+                        f"'{target_path}.{gradient_specs[gradient][0]}'"
+                    )
+                gradient_specs[gradient] = (f"gradients.{gradient}", gradient_spec)
+            for gradient, (key, _) in gradient_specs.items():
+                if gradient not in entry["gradients"]:
+                    raise ValueError(
+                        f"{target_path}.{key}: target '{name}' has no '{gradient}' gradient "
+                        f"term in the loss, and terms cannot be added here. Terms of "
+                        f"'{name}': {terms_of(name)}"
+                    )
+            own = {
+                k: v
+                for k, v in mapping.items()
+                if k != "gradients" and not (energy_like and k in MLIP_GRADIENT_KEYS)
+            }
+            term = _merge_term(entry, spec if isinstance(spec, (str, bool)) else own, target_path)
+            gradients, renamed = {}, {}
+            for gradient, gradient_term in entry["gradients"].items():
+                key, gradient_spec = gradient_specs.get(gradient, (None, None))
+                value = _merge_term(gradient_term, gradient_spec, f"{target_path}.{key}")
+                if key in MLIP_GRADIENT_KEYS:
+                    renamed[key] = value  # errors name the key the override used
+                else:
+                    gradients[gradient] = value
+            merged[name] = {**term, **renamed, "gradients": gradients}
+    else:
+        raise ValueError(
+            f"{path}: expected a loss type name or a mapping of target name -> loss term, "
+            f"got {type(override).__name__} {override!r}"
+        )
+    try:
+        return expand_loss_config(merged, targets)
+    except ValueError as error:
+        raise _rename_path(error, path) from None

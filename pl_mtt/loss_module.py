@@ -280,6 +280,60 @@ class LossModule(torch.nn.Module):
         """
         return [name for name, term in self.terms.items() if term.compile_core(mode)]
 
+    def reconfigure(self, loss: Any) -> list[str]:
+        """Give the terms the weights, types and parameters of ``loss`` (any form,
+        expanded against this module's targets; it must have the same terms, e.g. from
+        :func:`pl_mtt.config.merge_loss_config`). New weights apply from the next call;
+        a term whose type, reduction or parameters change is rebuilt and its epoch
+        aggregate starts again from zero. Returns the names of the rebuilt terms.
+
+        .. code-block:: python
+
+            loss.reconfigure({"energy": {"weight": 1000.0, "forces": {"weight": 10.0}}})
+        """
+        config = expand_loss_config(loss, self.target_options)
+        specs = []  # (index, target, gradient, spec) in term order
+        for target, entry in config.items():
+            specs.append((target, None, entry))
+            specs.extend((target, g, e) for g, e in entry["gradients"].items())
+        if [(s[0], s[1]) for s in specs] != [(t.target, t.gradient) for t in self.term_list]:
+            raise ValueError(
+                f"LossModule.reconfigure: the new loss has other terms than {self.term_names}"
+            )
+        rebuilt = []
+        self.aggregate.flush()
+        for index, (target, gradient, spec) in enumerate(specs):
+            params = {k: v for k, v in spec.items() if k not in ("type", "gradients")}
+            old = self.term_list[index]
+            old_spec = (
+                self.config[target]
+                if gradient is None
+                else self.config[target]["gradients"][gradient]
+            )
+            same = {k: v for k, v in spec.items() if k not in ("weight", "gradients")} == {
+                k: v for k, v in old_spec.items() if k not in ("weight", "gradients")
+            }
+            if same:
+                old.weight = float(spec["weight"])
+                continue
+            if spec["reduction"] == "none":
+                raise ValueError(
+                    f"LossModule.reconfigure: term {self.term_names[index]} "
+                    f"needs reduction 'mean' or 'sum', got 'none'"
+                )
+            term = create_loss(spec["type"], name=target, gradient=gradient, **params)
+            if old.compile_mode is not None:
+                term.compile_core(old.compile_mode)
+            self.term_list[index] = term
+            self._reads[index] = (term.target, term.prediction_key)
+            self.aggregate.totals[:, index] = 0.0
+            self.aggregate.is_sum[index] = term.reduction == "sum"
+            rebuilt.append(self.term_names[index])
+        self.config = config
+        self._steps.clear()  # they hold the weights and the groups of terms
+        self._property_scaled.clear()
+        return rebuilt
+
     @property
     def terms(self) -> dict[str, LossTerm]:
         """Term name -> term (``energy``, ``energy/forces``, ...)."""

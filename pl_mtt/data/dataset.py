@@ -9,6 +9,7 @@
     )
     dataset.target_options   # resolved options -> expand_loss_config / LossModule
     dataset.layouts()        # zero-sample TensorMaps -> Scaler(atomic_types, layouts)
+    dataset.atom_counts()    # atoms per structure -> AtomBatchSampler
     system, targets, extra_data = dataset[0]
 """
 
@@ -63,6 +64,7 @@ class AtomisticDataset(torch.utils.data.Dataset):
                         f"{len(self.systems)} structures"
                     )
         self._check_masks()
+        self._atom_counts: torch.Tensor | None = None
 
     @classmethod
     def from_file(
@@ -102,6 +104,13 @@ class AtomisticDataset(torch.utils.data.Dataset):
             {name: [values[i] for i in indices] for name, values in self.extra_data.items()},
             self.target_options,
         )
+
+    def atom_counts(self) -> torch.Tensor:
+        """Atoms per structure (1-D int64), read without building batches: the interface
+        samplers bounded by atom count use (:class:`pl_mtt.data.AtomBatchSampler`)."""
+        if self._atom_counts is None:
+            self._atom_counts = torch.tensor([len(s) for s in self.systems], dtype=torch.int64)
+        return self._atom_counts
 
     @property
     def atomic_types(self) -> list[int]:

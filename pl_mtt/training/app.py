@@ -8,8 +8,9 @@
     python -m pl_mtt.train loss=mse dry_run=true             # print the expanded loss
     python -m pl_mtt.train -m loss.energy.forces=mse,mae     # a sweep
 
-The loss config is validated with :func:`pl_mtt.expand_loss_config` before anything
-else runs, so a bad loss fails in a second with the key path of the problem.
+The loss config (and the ``loss_schedule`` stages merged over it) is validated with
+:func:`pl_mtt.expand_loss_config` before anything else runs, so a bad loss fails in a
+second with the key path of the problem.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from pl_mtt.data import AtomisticDataModule, AtomisticDataset, collate
 from pl_mtt.registry import loss_type_names
 from pl_mtt.training.callbacks import ScalerCallback
 from pl_mtt.training.evaluation import collect
+from pl_mtt.training.loss_schedule import LossSchedule, LossScheduleCallback
 from pl_mtt.training.plots import dos_overlays, learning_curves, parity_plots, write_metrics_table
 from pl_mtt.training.schema import register_configs
 from pl_mtt.training.task import AtomisticTask
@@ -166,6 +168,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     callbacks: list = [checkpoint]
     if cfg.scaler.scale_targets:
         callbacks.append(_scaler_callback(cfg, list(task.dos_targets)))
+    if cfg.loss_schedule:
+        callbacks.append(LossScheduleCallback(cfg.loss_schedule))
     trainer = _trainer(cfg, run_dir, callbacks)
     trainer.fit(task, datamodule, ckpt_path=cfg.ckpt_path)
     results = trainer.test(task, datamodule, verbose=False)
@@ -200,6 +204,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Validate the loss config, then train (or ``dry_run``: print it; or evaluate)."""
     expanded = expand_loss_config(cfg.loss, training_targets(cfg))
+    LossSchedule(expanded, cfg.loss_schedule, training_targets(cfg))  # stages checked too
     if cfg.dry_run:
         print(OmegaConf.to_yaml(cfg, resolve=True))
         print("# expanded loss config")
