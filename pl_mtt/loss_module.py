@@ -281,46 +281,53 @@ class LossModule(torch.nn.Module):
         return [name for name, term in self.terms.items() if term.compile_core(mode)]
 
     def reconfigure(self, loss: Any) -> list[str]:
-        """Give the terms the weights, types and parameters of ``loss`` (any form,
-        expanded against this module's targets; it must have the same terms, e.g. from
-        :func:`pl_mtt.config.merge_loss_config`). New weights apply from the next call;
-        a term whose type, reduction or parameters change is rebuilt and its epoch
-        aggregate starts again from zero. Returns the names of the rebuilt terms.
+        """Give the terms the weights, types and parameters of ``loss``: a full loss
+        config in any form, expanded against this module's targets (unlisted fields take
+        their defaults; merge a partial config first with
+        :func:`pl_mtt.config.merge_loss_config`). The terms stay the same. New weights
+        apply from the next call; a term whose type, reduction or parameters change is
+        rebuilt and its epoch aggregate starts again from zero. Returns the names of the
+        rebuilt terms.
 
         .. code-block:: python
 
-            loss.reconfigure({"energy": {"weight": 1000.0, "forces": {"weight": 10.0}}})
+            stage = {"energy": {"weight": 1000.0, "forces": {"weight": 10.0}}}
+            loss.reconfigure(merge_loss_config(loss.config, stage, loss.target_options))
         """
         config = expand_loss_config(loss, self.target_options)
-        specs = []  # (index, target, gradient, spec) in term order
+        changes = []  # (index, new spec, rebuild?) in term order
         for target, entry in config.items():
-            specs.append((target, None, entry))
-            specs.extend((target, g, e) for g, e in entry["gradients"].items())
-        if [(s[0], s[1]) for s in specs] != [(t.target, t.gradient) for t in self.term_list]:
-            raise ValueError(
-                f"LossModule.reconfigure: the new loss has other terms than {self.term_names}"
-            )
+            specs = [(None, entry, self.config[target])]
+            specs += [
+                (g, spec, self.config[target]["gradients"][g])
+                for g, spec in entry["gradients"].items()
+            ]
+            for gradient, spec, old in specs:
+                index = len(changes)
+                term = self.term_list[index]
+                if (term.target, term.gradient) != (target, gradient):
+                    raise ValueError(  # not reachable through the grammar: same targets
+                        f"LossModule.reconfigure: the new loss has other terms than "
+                        f"{self.term_names}"
+                    )
+                if spec["reduction"] == "none":
+                    raise ValueError(
+                        f"LossModule.reconfigure: term {self.term_names[index]} needs "
+                        f"reduction 'mean' or 'sum', got 'none'"
+                    )
+                kept = ("weight", "gradients")
+                rebuild = {k: v for k, v in spec.items() if k not in kept} != {
+                    k: v for k, v in old.items() if k not in kept
+                }
+                changes.append((index, target, gradient, spec, rebuild))
         rebuilt = []
         self.aggregate.flush()
-        for index, (target, gradient, spec) in enumerate(specs):
-            params = {k: v for k, v in spec.items() if k not in ("type", "gradients")}
+        for index, target, gradient, spec, rebuild in changes:
             old = self.term_list[index]
-            old_spec = (
-                self.config[target]
-                if gradient is None
-                else self.config[target]["gradients"][gradient]
-            )
-            same = {k: v for k, v in spec.items() if k not in ("weight", "gradients")} == {
-                k: v for k, v in old_spec.items() if k not in ("weight", "gradients")
-            }
-            if same:
+            if not rebuild:
                 old.weight = float(spec["weight"])
                 continue
-            if spec["reduction"] == "none":
-                raise ValueError(
-                    f"LossModule.reconfigure: term {self.term_names[index]} "
-                    f"needs reduction 'mean' or 'sum', got 'none'"
-                )
+            params = {k: v for k, v in spec.items() if k not in ("type", "gradients")}
             term = create_loss(spec["type"], name=target, gradient=gradient, **params)
             if old.compile_mode is not None:
                 term.compile_core(old.compile_mode)
