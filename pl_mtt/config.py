@@ -242,6 +242,35 @@ def _expand_term(
     return term
 
 
+def _given_gradients(
+    spec: Mapping[str, Any], path: str, energy_like: bool
+) -> dict[str, tuple[str, Any]]:
+    """Gradient name -> (its key under the target, its loss term) as a target's loss
+    entry gives them: ``forces``/``stress``/``virial`` (energy-like targets) and the
+    ``gradients`` mapping."""
+    given: dict[str, tuple[str, Any]] = {}
+    for key, gradient in MLIP_GRADIENT_KEYS.items():
+        if key not in spec or not energy_like:
+            continue
+        if gradient in given:
+            raise ValueError(f"{path}: give either 'stress' or 'virial', not both")
+        given[gradient] = (key, spec[key])
+    explicit = spec.get("gradients")
+    if explicit is not None:
+        if not isinstance(explicit, Mapping):
+            raise ValueError(
+                f"{path}.gradients: expected a mapping of gradient name -> loss term, "
+                f"got {explicit!r}"
+            )
+        for gradient, gradient_spec in explicit.items():
+            if gradient in given:
+                raise ValueError(
+                    f"{path}.gradients.{gradient}: already given as '{path}.{given[gradient][0]}'"
+                )
+            given[gradient] = (f"gradients.{gradient}", gradient_spec)
+    return given
+
+
 def _expand_target(name: str, spec: Any, options: Mapping[str, Any], gradients: list[str]) -> dict:
     path = f"loss.{name}"
     energy_like = is_energy_like(name, options)
@@ -256,29 +285,10 @@ def _expand_target(name: str, spec: Any, options: Mapping[str, Any], gradients: 
             )
     extra_keys = ("gradients", *MLIP_GRADIENT_KEYS) if energy_like else ("gradients",)
     term = _expand_term(spec, path, allowed_extra=extra_keys)
-    spec = mapping
-
-    given: dict[str, tuple[str, Any]] = {}  # gradient name -> (key path, spec)
-    for key, gradient in MLIP_GRADIENT_KEYS.items():
-        if key not in spec:
-            continue
-        if gradient in given:
-            raise ValueError(f"{path}: give either 'stress' or 'virial', not both")
-        given[gradient] = (f"{path}.{key}", spec[key])
-
-    explicit = spec.get("gradients")
-    if explicit is not None:
-        if not isinstance(explicit, Mapping):
-            raise ValueError(
-                f"{path}.gradients: expected a mapping of gradient name -> loss term, "
-                f"got {explicit!r}"
-            )
-        for gradient, gradient_spec in explicit.items():
-            if gradient in given:
-                raise ValueError(
-                    f"{path}.gradients.{gradient}: already given as '{given[gradient][0]}'"
-                )
-            given[gradient] = (f"{path}.gradients.{gradient}", gradient_spec)
+    given = {  # gradient name -> (key path, spec)
+        gradient: (f"{path}.{key}", gradient_spec)
+        for gradient, (key, gradient_spec) in _given_gradients(mapping, path, energy_like).items()
+    }
 
     for gradient, (gradient_path, _) in given.items():
         if gradient not in gradients:
@@ -435,23 +445,7 @@ def merge_loss_config(
             target_path = f"{path}.{name}"
             energy_like = is_energy_like(name, targets[name])
             mapping = spec if isinstance(spec, Mapping) else {}
-            gradient_specs: dict[str, tuple[str, Any]] = {}  # gradient -> (key, spec)
-            for key, gradient in MLIP_GRADIENT_KEYS.items():
-                if key in mapping and energy_like:
-                    gradient_specs[gradient] = (key, mapping[key])
-            explicit = mapping.get("gradients") or {}
-            if not isinstance(explicit, Mapping):
-                raise ValueError(
-                    f"{target_path}.gradients: expected a mapping of gradient name -> loss "
-                    f"term, got {explicit!r}"
-                )
-            for gradient, gradient_spec in explicit.items():
-                if gradient in gradient_specs:
-                    raise ValueError(
-                        f"{target_path}.gradients.{gradient}: already given as "
-                        f"'{target_path}.{gradient_specs[gradient][0]}'"
-                    )
-                gradient_specs[gradient] = (f"gradients.{gradient}", gradient_spec)
+            gradient_specs = _given_gradients(mapping, target_path, energy_like)
             for gradient, (key, _) in gradient_specs.items():
                 if gradient not in entry["gradients"]:
                     raise ValueError(
