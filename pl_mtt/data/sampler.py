@@ -108,7 +108,9 @@ class AtomBatchSampler(torch.utils.data.DistributedSampler):
     It yields lists of indices: use it as the ``sampler`` of a DataLoader with
     ``batch_size=None`` over a dataset that returns a batch for a list of indices (see
     :class:`pl_mtt.data.BatchedDataset`). It subclasses ``DistributedSampler``, so
-    Lightning keeps it as it is.
+    Lightning keeps it as it is. Lightning draws the first batch of a fit before it calls
+    :meth:`set_epoch`: when resuming, set the epoch to be run when making the loader
+    (:class:`pl_mtt.data.AtomisticDataModule` does).
 
     .. code-block:: python
 

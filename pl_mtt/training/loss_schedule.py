@@ -142,8 +142,8 @@ class LossSchedule:
     def __init__(self, base: Any, stages: Any, targets: Mapping[str, Any]) -> None:
         self.targets = to_plain(targets) or {}
         self.base = merge_loss_config(base, None, self.targets)
-        stages = list(to_plain(stages) or [])
-        if all(isinstance(stage, LossStage) for stage in stages):
+        stages = to_plain(stages)
+        if isinstance(stages, (list, tuple)) and all(isinstance(s, LossStage) for s in stages):
             self.stages = sorted(stages, key=lambda stage: stage.epoch)
         else:
             self.stages = parse_stages(stages)
