@@ -9,7 +9,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from pl_mtt import expand_loss_config
-from pl_mtt.training.app import config_dir, merge_loss_shorthand_overrides, training_targets
+from pl_mtt.training.app import config_dir, merge_loss_shorthand_overrides, assumed_targets
 from pl_mtt.training.schema import register_configs
 
 MSE = {"type": "mse", "weight": 1.0, "reduction": "mean"}
@@ -25,7 +25,7 @@ def composed(*overrides: str):
 
 def expanded_loss(*overrides: str) -> dict:
     cfg = composed(*overrides)
-    return expand_loss_config(cfg.loss, training_targets(cfg))
+    return expand_loss_config(cfg.loss, assumed_targets(cfg))
 
 
 def test_default_loss_is_mlip_energy_forces_stress():
@@ -86,7 +86,7 @@ def test_every_trainer_argument_is_configurable():
 )
 def test_loss_groups_expand(group, targets, expected_types):
     cfg = composed(f"loss={group}")
-    loss = expand_loss_config(cfg.loss, targets or training_targets(cfg))
+    loss = expand_loss_config(cfg.loss, targets or assumed_targets(cfg))
     assert {name: entry["type"] for name, entry in loss.items()} == expected_types
 
 

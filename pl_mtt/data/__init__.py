@@ -5,7 +5,9 @@
   :func:`read_extra_data` (``.mts`` files), :func:`write_extxyz` (the inverse);
 - :func:`collate` / :func:`join_structures` (batches), :func:`batch_to` (device moves),
   :class:`StridedShardSampler` (DDP shards without padding);
-- :func:`embedded_dataset` (``emt``, ``dos``: generated and cached, no download).
+- :func:`embedded_dataset` (``emt``, ``dos``: generated and cached, no download);
+- :class:`DataReport` (the start-up summary) and :class:`DataWarning` (NaN entries,
+  elements absent from training, gradients found in only some structures).
 """
 
 from pl_mtt.data.collate import batch_to, collate, join_structures
@@ -14,6 +16,7 @@ from pl_mtt.data.dataset import AtomisticDataset
 from pl_mtt.data.embedded import EmbeddedDataset, cache_dir, embedded_dataset
 from pl_mtt.data.extra_data import read_extra_data, split_by_system
 from pl_mtt.data.layout import property_labels, structure_tensor_map, zero_sample_layout
+from pl_mtt.data.report import DataReport, DataWarning
 from pl_mtt.data.sampler import StridedShardSampler
 from pl_mtt.data.systems import atoms_to_system, read_atoms, system_to_atoms
 from pl_mtt.data.targets import read_targets, resolve_target_options
@@ -22,6 +25,8 @@ from pl_mtt.data.writing import write_extxyz
 __all__ = [
     "AtomisticDataModule",
     "AtomisticDataset",
+    "DataReport",
+    "DataWarning",
     "EmbeddedDataset",
     "StridedShardSampler",
     "atoms_to_system",

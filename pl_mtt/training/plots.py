@@ -58,8 +58,9 @@ def learning_curves(metrics_csv: str | Path, out_dir: str | Path) -> list[Path]:
         axes = figure.subplots()
         for stage, points in stages.items():
             epochs, values = zip(*points, strict=True)
-            style = "o" if stage == "test" else "-"
-            axes.plot(np.asarray(epochs) + 1, values, style, label=stage)
+            # markers on every point: a single epoch is still visible
+            style = "o" if stage == "test" else "-o"
+            axes.plot(np.asarray(epochs) + 1, values, style, markersize=3, label=stage)
         axes.set_xlabel("epoch")
         axes.set_ylabel(metric)
         if all(v > 0 for pts in stages.values() for _, v in pts):
