@@ -63,6 +63,7 @@ __all__ = [
     "main",
     "merge_loss_shorthand_overrides",
     "run",
+    "run_cli",
     "train",
 ]
 
@@ -414,7 +415,7 @@ def report_user_error(error: BaseException, run_dir: Path | None = None) -> None
     )
 
 
-def _app(cfg: DictConfig) -> dict[str, Any]:
+def run_cli(cfg: DictConfig) -> dict[str, Any]:
     """Hydra's task function: :func:`run`, with user errors reported without traceback."""
     try:
         return run(cfg)
@@ -429,7 +430,7 @@ def main() -> None:
     """Console entry point (also ``python -m pl_mtt.train``)."""
     register_configs()
     sys.argv = [sys.argv[0], *merge_loss_shorthand_overrides(sys.argv[1:])]
-    app = hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")(_app)
+    app = hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")(run_cli)
     app()
 
 
