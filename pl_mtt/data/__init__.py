@@ -6,6 +6,8 @@
 - :func:`collate` / :func:`join_structures` (batches), :func:`batch_to` (device moves),
   :class:`StridedShardSampler` (DDP shards without padding);
 - :func:`embedded_dataset` (``emt``, ``dos``: generated and cached, no download);
+- :func:`requested_neighbor_lists` / :func:`attach_neighbor_lists`: the neighbour lists
+  a model requests, attached to the structures once (datasets do it when asked);
 - :class:`DataReport` (the start-up summary) and :class:`DataWarning` (NaN entries,
   elements absent from training, gradients found in only some structures).
 """
@@ -21,6 +23,7 @@ from pl_mtt.data.sampler import StridedShardSampler
 from pl_mtt.data.systems import atoms_to_system, read_atoms, system_to_atoms
 from pl_mtt.data.targets import read_targets, resolve_target_options
 from pl_mtt.data.writing import write_extxyz
+from pl_mtt.tensormaps.neighbors import attach_neighbor_lists, requested_neighbor_lists
 
 __all__ = [
     "AtomisticDataModule",
@@ -30,6 +33,7 @@ __all__ = [
     "EmbeddedDataset",
     "StridedShardSampler",
     "atoms_to_system",
+    "attach_neighbor_lists",
     "batch_to",
     "cache_dir",
     "collate",
@@ -39,6 +43,7 @@ __all__ = [
     "read_atoms",
     "read_extra_data",
     "read_targets",
+    "requested_neighbor_lists",
     "resolve_target_options",
     "split_by_system",
     "split_indices",

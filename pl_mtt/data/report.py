@@ -253,7 +253,8 @@ class DataReport:
         )
         lines = [f"data: {self.n_available} structures in {self._file_names}, {used}"]
         sizes = ", ".join(f"{stage} {n}" for stage, n in self.split_sizes.items())
-        lines.append(f"split (seed {self.split_seed}): {sizes}")
+        seed = f" (seed {self.split_seed})" if "train" in self.split_sizes else ""
+        lines.append(f"split{seed}: {sizes}")
         lines.append("targets:")
         for target in self.targets.values():
             lines += target.lines()
