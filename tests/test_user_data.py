@@ -469,16 +469,16 @@ class _WorseEveryEpoch(L.LightningModule):
 
 
 def test_last_checkpoint_is_the_last_epoch_and_resuming_continues_after_it(tmp_path):
-    def trainer(max_epochs: int) -> L.Trainer:
+    def trainer(max_epochs: int, run_dir: Path) -> L.Trainer:
         return L.Trainer(
             max_epochs=max_epochs,
-            callbacks=checkpoint_callbacks(tmp_path),
+            callbacks=checkpoint_callbacks(run_dir),
             logger=False,
             enable_progress_bar=False,
             enable_model_summary=False,
         )
 
-    first = trainer(3)
+    first = trainer(3, tmp_path)
     first.fit(_WorseEveryEpoch())
     best, last = first.checkpoint_callbacks
     assert Path(best.best_model_path).name == "epoch=0-step=4.ckpt"
@@ -486,5 +486,5 @@ def test_last_checkpoint_is_the_last_epoch_and_resuming_continues_after_it(tmp_p
     saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
     assert (saved["epoch"], saved["global_step"]) == (2, 12)
     resumed = _WorseEveryEpoch()
-    trainer(5).fit(resumed, ckpt_path=tmp_path / "checkpoints" / "last.ckpt")
+    trainer(5, tmp_path / "resumed").fit(resumed, ckpt_path=tmp_path / "checkpoints" / "last.ckpt")
     assert resumed.epochs_run == [3, 4]
