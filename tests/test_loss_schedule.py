@@ -363,18 +363,31 @@ def test_ddp_ranks_hold_the_same_weights_with_atom_bounded_batches(run_python, t
 
 
 # --- the Hydra app ---------------------------------------------------------------------
-def test_app_validates_the_schedule_before_reading_data():
-    cfg = composed("dry_run=true", "loss_schedule=[{epoch:3,loss:{energy:{forces:{wieght:2}}}}]")
+def test_app_validates_the_schedule_with_the_loss(monkeypatch, tmp_path):
+    monkeypatch.setenv("PL_MTT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    bad = "loss_schedule=[{epoch:3,loss:{energy:{forces:{wieght:2}}}}]"
     message = "loss_schedule[0].loss.energy.forces.wieght: unknown key 'wieght'"
     with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
-        run(cfg)
+        run(composed("dry_run=true", bad))  # before any data is read
     cfg = composed(
         "dry_run=true",
-        "loss_schedule=[{epoch:3,loss:{energy:{weight:1000.0,forces:{weight:10.0}}},ramp_epochs:2}]",
+        "data.n_structures=12",
+        "loss_schedule=[{epoch:3,loss:{energy:{weight:1000.0,forces:{weight:10.0}}},"
+        "ramp_epochs:2}]",
         "data.max_atoms_per_batch=64",
     )
     assert run(cfg)["loss"]["energy"]["weight"] == 1.0
     assert cfg.data.max_atoms_per_batch == 64
+    # a stage on a term the data does not provide (stress, here) is an error, not dropped
+    cfg = composed(
+        "dry_run=true",
+        "data.n_structures=12",
+        "data.targets.energy.stress=false",
+        "loss_schedule=[{epoch:1,loss:{energy:{stress:{weight:2.0}}}}]",
+    )
+    with pytest.raises(ValueError, match=r"^loss_schedule\[0\]\.loss\.energy\.stress: target"):
+        run(cfg)
 
 
 def test_callback_needs_a_loss_module():

@@ -8,7 +8,9 @@
   (batches bounded by atom count, balanced across ranks; :mod:`pl_mtt.data.packing`);
 - :func:`embedded_dataset` (``emt``, ``dos``: generated and cached, no download);
 - :func:`requested_neighbor_lists` / :func:`attach_neighbor_lists`: the neighbour lists
-  a model requests, attached to the structures once (datasets do it when asked).
+  a model requests, attached to the structures once (datasets do it when asked);
+- :class:`DataReport` (the start-up summary) and :class:`DataWarning` (NaN entries,
+  elements absent from training, gradients found in only some structures).
 """
 
 from pl_mtt.data.collate import batch_to, collate, join_structures
@@ -17,6 +19,7 @@ from pl_mtt.data.dataset import AtomisticDataset
 from pl_mtt.data.embedded import EmbeddedDataset, cache_dir, embedded_dataset
 from pl_mtt.data.extra_data import read_extra_data, split_by_system
 from pl_mtt.data.layout import property_labels, structure_tensor_map, zero_sample_layout
+from pl_mtt.data.report import DataReport, DataWarning
 from pl_mtt.data.sampler import (
     AtomBatchSampler,
     BatchedDataset,
@@ -33,6 +36,8 @@ __all__ = [
     "AtomisticDataModule",
     "AtomisticDataset",
     "BatchedDataset",
+    "DataReport",
+    "DataWarning",
     "EmbeddedDataset",
     "StridedShardSampler",
     "atom_counts_of",
