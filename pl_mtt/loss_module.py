@@ -271,8 +271,21 @@ class LossModule(torch.nn.Module):
         self.term_list = torch.nn.ModuleList(terms)
         # (target, prediction key) of each term, for the presence test
         self._reads = [(term.target, term.prediction_key) for term in terms]
-        # targets whose terms all run on raw inputs (prepare_for_loss's mappings), with
-        # the parts they read in term order; and the layouts already checked in full
+        self._set_scaled_targets()
+        self.aggregate = LossAggregate([term.reduction for term in terms])
+        self._property_scaled: dict[str, tuple[bool, bool]] = {}
+        self._steps: dict[tuple, _Step] = {}  # by present terms (and scaled targets)
+        self._last = _LastCall()
+        self._scaler: tuple[torch.nn.Module, ...] = ()
+        if scaler is not None:
+            self.set_scaler(scaler)
+
+    def _set_scaled_targets(self) -> None:
+        """The targets whose terms all run on raw inputs (the mappings of
+        :func:`pl_mtt.scaling.prepare_for_loss`), with the parts they read in term
+        order; no layout is taken as checked yet (the first call of each runs the general
+        path)."""
+        terms = list(self.term_list)
         self._scaled: dict[str, list[str]] = {}
         for target in dict.fromkeys(term.target for term in terms):
             own = [term for term in terms if term.target == target]
@@ -284,13 +297,6 @@ class LossModule(torch.nn.Module):
             ):
                 self._scaled[target] = [term.gradient or "" for term in own]
         self._scaled_layouts: set[tuple] = set()
-        self.aggregate = LossAggregate([term.reduction for term in terms])
-        self._property_scaled: dict[str, tuple[bool, bool]] = {}
-        self._steps: dict[tuple, _Step] = {}  # by present terms (and scaled targets)
-        self._last = _LastCall()
-        self._scaler: tuple[torch.nn.Module, ...] = ()
-        if scaler is not None:
-            self.set_scaler(scaler)
 
     # -- configuration -----------------------------------------------------------------
     @property
@@ -374,6 +380,7 @@ class LossModule(torch.nn.Module):
         self.config = config
         self._steps.clear()  # they hold the weights and the groups of terms
         self._property_scaled.clear()
+        self._set_scaled_targets()  # a rebuilt term may no longer run on raw inputs
         return rebuilt
 
     @property
