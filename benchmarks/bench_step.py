@@ -29,6 +29,7 @@ call of a layout runs the full metadata checks), and the time of each stage:
 
 from __future__ import annotations
 
+import copy
 import itertools
 import statistics
 import sys
@@ -159,8 +160,51 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
             target="overhead = 1/speedup - 1 (GPU goal ≤ 5%)",
             repeats=5 if quick else 30,
             warmup=2 if quick else 5,
-        )
+        ),
+        _forward_stages_case(parts, quick),
     ]
+
+
+def _forward_stages_case(parts: SimpleNamespace, quick: bool) -> Case:
+    """pl_mtt's forward stages alone (model outputs computed once per batch): the eager
+    pipeline on plain dicts (every TensorMap built, the general LossModule path, eager
+    metrics) against the lean step (prepare_for_loss's mappings, fused loss, queued
+    metrics), on the same batches, one thread."""
+    eager_loss = copy.deepcopy(parts.loss)
+    eager_loss.set_scaler(parts.scaler)
+    eager_metrics = copy.deepcopy(parts.metrics)
+    composition = parts.holder.composition
+    steps = [(batch, parts.model(batch[0])) for batch in parts.batches]
+    eager_steps, lean_steps = itertools.cycle(steps), itertools.cycle(steps)
+
+    def eager() -> None:
+        (systems, targets, extra), outputs = next(eager_steps)
+        predictions = scaling.predictions_for_loss(systems, outputs, parts.scaler)
+        loss_targets = scaling.targets_for_loss(systems, targets, parts.scaler, composition)
+        eager_loss(predictions, loss_targets, extra, systems)
+        with torch.no_grad():
+            physical = scaling.for_metrics(systems, predictions, loss_targets, parts.scaler)
+            eager_metrics.update(*physical, systems)
+
+    def lean() -> None:
+        (systems, targets, extra), outputs = next(lean_steps)
+        predictions, loss_targets = scaling.prepare_for_loss(
+            parts.holder, systems, outputs, targets
+        )
+        parts.loss(predictions, loss_targets, extra, systems)
+        with torch.no_grad():
+            physical = scaling.for_metrics(systems, predictions, loss_targets, parts.scaler)
+            parts.metrics.update(*physical, systems)
+
+    return Case(
+        "training step",
+        "pl_mtt's forward stages only: eager pipeline on dicts vs lean step (1 thread)",
+        one_thread(eager),
+        one_thread(lean),
+        target="fewer operations, less host time",
+        repeats=20 if quick else 200,
+        warmup=len(steps),
+    )
 
 
 # -- dispatched operations per stage ----------------------------------------------------
