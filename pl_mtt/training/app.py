@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pl_mtt.config import expand_loss_config
 from pl_mtt.data import AtomisticDataModule, AtomisticDataset, collate
+from pl_mtt.interop.export import export_run_model
 from pl_mtt.registry import loss_type_names
 from pl_mtt.training.callbacks import ScalerCallback
 from pl_mtt.training.evaluation import collect
@@ -171,6 +172,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     results = trainer.test(task, datamodule, verbose=False)
     if trainer.is_global_zero:
         torch.save(task.inference_model(), run_dir / "model.pt")
+        export_run_model(task, run_dir, cfg.export, unscaled=not cfg.scaler.scale_targets)
         write_report(task, datamodule.test_dataloader(), run_dir, run_dir / "metrics.csv")
         print(f"outputs written to {run_dir}")
     return {"test": results[0] if results else {}, "best": checkpoint.best_model_path}
