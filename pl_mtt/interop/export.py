@@ -44,6 +44,7 @@ the app's configuration, or the arguments.
 from __future__ import annotations
 
 import copy
+import inspect
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -59,7 +60,7 @@ from metatomic.torch import (
     System,
 )
 
-from pl_mtt.config import to_plain
+from pl_mtt.config import is_energy_like, to_plain
 from pl_mtt.interop.physical_outputs import N_ATOMIC_NUMBERS, PhysicalOutputs, RawOutput
 from pl_mtt.tensormaps.builders import ensemble_output_name
 from pl_mtt.tensormaps.neighbors import attach_neighbor_lists, requested_neighbor_lists
@@ -92,7 +93,10 @@ def load_task(checkpoint: str | Path) -> Any:
     if not path.is_file():
         raise ValueError(f"checkpoint '{path}' does not exist")
     try:
-        return AtomisticTask.load_from_checkpoint(path, map_location="cpu")
+        options: dict[str, Any] = {"map_location": "cpu"}
+        if "weights_only" in inspect.signature(AtomisticTask.load_from_checkpoint).parameters:
+            options["weights_only"] = False  # pl_mtt's own hyperparameters (as Lightning's default)
+        return AtomisticTask.load_from_checkpoint(path, **options)
     except Exception as error:  # Lightning and torch raise many kinds for a bad file
         raise ValueError(
             f"could not load '{path}' as a checkpoint of pl_mtt's AtomisticTask: "
@@ -103,13 +107,35 @@ def load_task(checkpoint: str | Path) -> Any:
 def _task(source: Any) -> Any:
     if isinstance(source, (str, Path)):
         return load_task(source)
-    for attribute in ("model", "target_options"):
-        if not hasattr(source, attribute):
-            raise ValueError(
-                f"export: expected an AtomisticTask or a checkpoint path, got "
-                f"{type(source).__name__} (it has no '{attribute}')"
-            )
+    if not isinstance(getattr(source, "model", None), torch.nn.Module):
+        raise ValueError(
+            f"export: expected an AtomisticTask (or any module with the trained `model` and "
+            f"the `scaler`/`composition` of ScalerCallback) or a checkpoint path, got "
+            f"{type(source).__name__}"
+        )
     return source
+
+
+def _target_options(task: Any, targets: Mapping[str, Any] | None) -> dict[str, dict]:
+    """Options of the training targets: given, the task's ``target_options``, or the
+    names the fitted scales know (units: ``eV`` for energies, else none)."""
+    if targets is None:
+        targets = getattr(task, "target_options", None)
+    if targets is None:
+        fitted = getattr(task, "scaler", None) or getattr(task, "composition", None)
+        if fitted is None:
+            raise ValueError(
+                "export: the training targets are unknown (no target_options, no fitted "
+                "scales); pass targets={name: options}"
+            )
+        targets = {name: {"per_atom": info.per_atom} for name, info in fitted.targets.items()}
+    result = {}
+    for name, options in (to_plain(targets) or {}).items():
+        options = dict(options or {})
+        if not options.get("unit") and is_energy_like(name, options):
+            options["unit"] = "eV"  # the data layer's unit of energies
+        result[name] = options
+    return result
 
 
 # -- names and metadata ------------------------------------------------------------------
@@ -360,17 +386,21 @@ def atomistic_model(
     metadata: Mapping[str, Any] | ModelMetadata | None = None,
     unscaled: bool = False,
     atomic_types: Sequence[int] | None = None,
+    targets: Mapping[str, Any] | None = None,
 ) -> AtomisticModel:
     """The metatomic ``AtomisticModel`` of a trained task (in memory, not scripted).
 
     Args:
         source: an ``AtomisticTask`` (model, fitted ``scaler``/``composition``,
-            ``target_options``) or the path of its checkpoint.
+            ``target_options``), any LightningModule trained the same way (``model``,
+            ``scaler``, ``composition``), or the path of an ``AtomisticTask`` checkpoint.
         metadata: an ``export`` config section (name, description, authors,
             references) or a ``ModelMetadata``.
         unscaled: export the raw outputs as physical (a model trained without scales).
         atomic_types: the supported atomic types (default: those of the fitted scales
             and baseline; required with ``unscaled``).
+        targets: the training targets' options (default: the task's
+            ``target_options``, else the targets of the fitted scales).
     """
     task = _task(source)
     scaler, composition = _check_scales(task, unscaled)
@@ -381,7 +411,7 @@ def atomistic_model(
             f"selected_atoms) method; an exported model needs this TorchScript path (see "
             f"pl_mtt.interop.export)"
         )
-    targets = {name: dict(options or {}) for name, options in task.target_options.items()}
+    targets = _target_options(task, targets)
     types = _atomic_types(atomic_types, scaler, composition)
     dtype = _model_dtype(model)
     probe = _probe_systems(types, dtype, model)
@@ -403,7 +433,12 @@ def atomistic_model(
                 f"describe it"
             )
         options = targets[target]
-        per_atom_target = bool(options.get("per_atom")) or options.get("sample_kind") == "atom"
+        info = getattr(scaler or composition, "targets", {}).get(target)
+        per_atom_target = (
+            info.per_atom
+            if info is not None
+            else bool(options.get("per_atom")) or options.get("sample_kind") == "atom"
+        )
         item, per_atom = _raw_output(
             name,
             target,
@@ -515,6 +550,7 @@ def export_model(
     extensions_directory: str | Path | None = None,
     unscaled: bool = False,
     atomic_types: Sequence[int] | None = None,
+    targets: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write the metatomic model of ``source`` (an ``AtomisticTask`` or its checkpoint)
     to ``path``; TorchScript extensions the model uses (e.g. sphericart's) are collected
@@ -526,7 +562,7 @@ def export_model(
     if not path.parent.is_dir():
         raise ValueError(f"export: cannot write '{path}': directory '{path.parent}' does not exist")
     atomistic = atomistic_model(
-        source, metadata=metadata, unscaled=unscaled, atomic_types=atomic_types
+        source, metadata=metadata, unscaled=unscaled, atomic_types=atomic_types, targets=targets
     )
     extensions = Path(extensions_directory) if extensions_directory else path.parent / "extensions"
     try:
