@@ -37,7 +37,7 @@ from harness import Case, main_for
 
 from pl_mtt.data import AtomisticDataModule, batch_to, requested_neighbor_lists
 from pl_mtt.models import RadialMLP
-from pl_mtt.models.geometry import BatchGeometry, batch_geometry, system_of_atoms
+from pl_mtt.models.geometry import BatchGeometry, batch_geometry, geometry_from_pairs
 
 
 def searched_geometry(
@@ -59,32 +59,12 @@ def searched_geometry(
         pair_system.append(np.full(len(i), index, dtype=np.int64))
         offset += len(system)
     device = systems[0].positions.device
-    centers, neighbors, shifts, pair_system = (
+    pairs = tuple(
         torch.from_numpy(np.concatenate(a)).to(device)
         for a in (centers, neighbors, shifts, pair_system)
     )
-    positions = torch.cat([s.positions for s in systems]).detach().requires_grad_(positions_grad)
-    cells = torch.stack([s.cell for s in systems])
-    atom_system, atom_index = system_of_atoms(systems)
-    strain = torch.zeros((len(systems), 3, 3), dtype=positions.dtype, device=device)
-    strain.requires_grad_(strain_grad)
-    displaced = positions + torch.einsum("na,nab->nb", positions, strain[atom_system])
-    strained_cells = cells + torch.einsum("sac,scb->sab", cells, strain)
-    vectors = (
-        displaced[neighbors]
-        - displaced[centers]
-        + torch.einsum("pa,pab->pb", shifts.to(positions.dtype), strained_cells[pair_system])
-    )
-    return BatchGeometry(
-        torch.cat([s.types for s in systems]),
-        positions,
-        strain if strain_grad else None,
-        atom_system,
-        atom_index,
-        centers,
-        neighbors,
-        vectors,
-        len(systems),
+    return geometry_from_pairs(
+        systems, pairs, positions_grad=positions_grad, strain_grad=strain_grad
     )
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import ase
 import ase.build
 import ase.io
-import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
@@ -23,6 +22,7 @@ from pl_mtt.data import AtomisticDataModule, atoms_to_system, system_to_atoms
 from pl_mtt.interop import atomistic_model, export_model, exported_output_names
 from pl_mtt.interop.export import main as export_main
 from pl_mtt.models import RadialMLP
+from tests.conftest import python_subprocess, quiet_trainer
 
 SCRIPTS = Path(__file__).parent / "scripts"
 SMALL = {"cutoff": 4.0, "n_radial": 6, "type_dim": 3, "hidden": [16]}
@@ -48,17 +48,8 @@ def _train(
     data.setup()
     config = {"_target_": "pl_mtt.models.RadialMLP", **SMALL, **model}
     task = AtomisticTask(None, loss, data.target_options, lr=3e-2, model_config=config)
-    trainer = pl.Trainer(
-        max_steps=steps,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        inference_mode=False,
-        callbacks=[ScalerCallback()],
+    trainer = quiet_trainer(
+        max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[ScalerCallback()]
     )
     trainer.fit(task, data)
     if checkpoint is not None:
@@ -116,7 +107,7 @@ def _close(actual, expected, rtol: float, what: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def exported(tasks, tmp_path_factory, run_python_module):
+def exported(tasks, tmp_path_factory):
     """Every task exported, then evaluated by one fresh process through metatomic's ASE
     calculator (only metatomic, no pl_mtt, imported there)."""
     root = tmp_path_factory.mktemp("exported")
@@ -128,7 +119,7 @@ def exported(tasks, tmp_path_factory, run_python_module):
         ase.io.write(structures[name], frames, format="extxyz")
     out = root / "predictions.pt"
     pairs = [f"{paths[name]}:{structures[name]}" for name in tasks]
-    result = run_python_module(
+    result = python_subprocess(
         [str(SCRIPTS / "exported_predictions.py"), str(out), *pairs], cwd=root
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -136,13 +127,6 @@ def exported(tasks, tmp_path_factory, run_python_module):
     predictions = torch.load(out, weights_only=False)
     outputs = {name: predictions[str(paths[name])] for name in tasks}
     return paths, structures, outputs
-
-
-@pytest.fixture(scope="module")
-def run_python_module():
-    from tests.conftest import python_subprocess
-
-    return python_subprocess
 
 
 def _systems_of(path: Path, dtype: torch.dtype) -> list[System]:
