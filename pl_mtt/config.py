@@ -39,6 +39,7 @@ __all__ = [
     "gradient_alias",
     "is_energy_like",
     "requested_gradients",
+    "restrict_loss_to_targets",
     "to_plain",
 ]
 
@@ -351,3 +352,64 @@ def expand_loss_config(loss: Any, targets: Mapping[str, Any]) -> dict[str, dict]
         name: _expand_target(name, loss.get(name), targets[name] or {}, target_gradients[name])
         for name in targets
     }
+
+
+def _named(path: tuple[str, ...], keep: Sequence[tuple[str, ...]]) -> bool:
+    """Whether ``path`` (or an entry inside it, or one around it) is in ``keep``."""
+    return any(path[: len(k)] == k or k[: len(path)] == path for k in keep)
+
+
+def restrict_loss_to_targets(
+    loss: Any, targets: Mapping[str, Any], keep: Sequence[Sequence[str]] = ()
+) -> tuple[Any, list[str]]:
+    """A loss config without the entries for data the training targets do not provide.
+
+    A default loss (e.g. the app's ``mlip``: energy, forces and stress) can then serve
+    any file: entries for a target that is not trained, or for a gradient the target
+    does not provide (``forces``/``stress``/``virial`` of an energy, or a name under
+    ``gradients``) are removed. Entries whose key path (without ``loss.``) is in
+    ``keep``, or lies inside or around one that is, stay, so that
+    :func:`expand_loss_config` reports them as errors: what a user wrote explicitly is
+    never dropped. A global shorthand (``"mse"``) already covers exactly the targets.
+
+    .. code-block:: python
+
+        restrict_loss_to_targets(
+            {"energy": {"type": "mse", "forces": "mse", "stress": "mse"}},
+            {"energy": {"quantity": "energy", "forces": True, "stress": False}},
+        )  # -> ({"energy": {"type": "mse", "forces": "mse"}}, ["loss.energy.stress"])
+
+    Returns:
+        ``(loss, dropped)``: the restricted config (plain containers) and the key paths
+        of the removed entries (``loss.energy.stress``), to be reported.
+    """
+    loss, targets = to_plain(loss), to_plain(targets) or {}
+    keep = [tuple(str(part) for part in path) for path in keep]
+    if not isinstance(loss, Mapping):
+        return loss, []
+    restricted: dict[str, Any] = {}
+    dropped: list[str] = []
+    for name, spec in loss.items():
+        if name not in targets and not _named((name,), keep):
+            dropped.append(f"loss.{name}")
+            continue
+        if name not in targets or not isinstance(spec, Mapping):
+            restricted[name] = spec
+            continue
+        provided = requested_gradients(name, targets[name])
+        spec = dict(spec)
+        if is_energy_like(name, targets[name]):
+            for key, gradient in MLIP_GRADIENT_KEYS.items():
+                if key in spec and gradient not in provided and not _named((name, key), keep):
+                    del spec[key]
+                    dropped.append(f"loss.{name}.{key}")
+        gradients = spec.get("gradients")
+        if isinstance(gradients, Mapping):
+            spec["gradients"] = {}
+            for gradient, term in gradients.items():
+                if gradient in provided or _named((name, "gradients", gradient), keep):
+                    spec["gradients"][gradient] = term
+                else:
+                    dropped.append(f"loss.{name}.gradients.{gradient}")
+        restricted[name] = spec
+    return restricted, dropped

@@ -7,7 +7,9 @@
   :class:`StridedShardSampler` (DDP shards without padding);
 - :func:`embedded_dataset` (``emt``, ``dos``: generated and cached, no download);
 - :func:`requested_neighbor_lists` / :func:`attach_neighbor_lists`: the neighbour lists
-  a model requests, attached to the structures once (datasets do it when asked).
+  a model requests, attached to the structures once (datasets do it when asked);
+- :class:`DataReport` (the start-up summary) and :class:`DataWarning` (NaN entries,
+  elements absent from training, gradients found in only some structures).
 """
 
 from pl_mtt.data.collate import batch_to, collate, join_structures
@@ -16,6 +18,7 @@ from pl_mtt.data.dataset import AtomisticDataset
 from pl_mtt.data.embedded import EmbeddedDataset, cache_dir, embedded_dataset
 from pl_mtt.data.extra_data import read_extra_data, split_by_system
 from pl_mtt.data.layout import property_labels, structure_tensor_map, zero_sample_layout
+from pl_mtt.data.report import DataReport, DataWarning
 from pl_mtt.data.sampler import StridedShardSampler
 from pl_mtt.data.systems import atoms_to_system, read_atoms, system_to_atoms
 from pl_mtt.data.targets import read_targets, resolve_target_options
@@ -25,6 +28,8 @@ from pl_mtt.tensormaps.neighbors import attach_neighbor_lists, requested_neighbo
 __all__ = [
     "AtomisticDataModule",
     "AtomisticDataset",
+    "DataReport",
+    "DataWarning",
     "EmbeddedDataset",
     "StridedShardSampler",
     "atoms_to_system",

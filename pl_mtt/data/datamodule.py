@@ -5,7 +5,7 @@
     data:                      # the arguments of AtomisticDataModule
       dataset: emt             # embedded dataset (emt, dos), used when `path` is null
       path: null               # any file ase.io.read understands (wins over `dataset`)
-      n_structures: null       # embedded datasets: how many to generate
+      n_structures: null       # how many: generated (embedded), or the first n of `path`
       targets:                 # spec form; empty -> the embedded dataset's targets
         energy: {quantity: energy, key: energy, forces: true, stress: true}
       extra_data: {}           # name -> {read_from: file.mts}; merged with the embedded ones
@@ -18,7 +18,8 @@
 After :meth:`setup` (called by Lightning, or by hand before building the model):
 ``target_options`` (resolved: pass them to ``LossModule`` / ``expand_loss_config``),
 ``layouts()`` and ``atomic_types`` (for the ``Scaler``), ``train_dataset``,
-``val_dataset``, ``test_dataset`` and ``split`` (their indices in the file). Its
+``val_dataset``, ``test_dataset``, ``split`` (their indices in the file) and
+:meth:`summary` (what was read, printed by the app at start-up). Its
 ``transfer_batch_to_device`` hook moves batches to the model's device (a
 LightningModule's own hook, if any, takes precedence).
 
@@ -35,6 +36,7 @@ each structure once over all ranks), which Lightning keeps as it is.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -47,6 +49,7 @@ from pl_mtt.config import to_plain
 from pl_mtt.data.collate import batch_to, collate
 from pl_mtt.data.dataset import AtomisticDataset
 from pl_mtt.data.embedded import EmbeddedDataset, embedded_dataset
+from pl_mtt.data.report import DataReport, DataWarning
 from pl_mtt.data.sampler import StridedShardSampler
 from pl_mtt.tensormaps.neighbors import requested_neighbor_lists
 
@@ -60,22 +63,24 @@ def split_indices(
 ) -> tuple[list[int], list[int], list[int]]:
     """A seeded random split of ``range(n)`` into train/val/test index lists.
 
-    Sizes are ``round(fraction * n)`` (at least 1 when the fraction is positive and
-    ``n >= 3``); the training set gets the rest and must not be empty.
+    Sizes are ``round(fraction * n)``, at least 1 when the fraction is positive (a
+    positive fraction never gives an empty split); the training set gets the rest and
+    must not be empty.
     """
     for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0.0 <= fraction < 1.0:
-            raise ValueError(f"{name} must be in [0, 1), got {fraction}")
+            raise ValueError(f"data.{name} must be in [0, 1), got {fraction}")
 
     def size(fraction: float) -> int:
-        count = round(fraction * n)
-        return max(count, 1) if fraction > 0 and n >= 3 else count
+        return max(round(fraction * n), 1) if fraction > 0 else 0
 
     n_val, n_test = size(val_fraction), size(test_fraction)
     if n_val + n_test >= n:
         raise ValueError(
-            f"{n} structures leave no training set with val_fraction={val_fraction} and "
-            f"test_fraction={test_fraction}"
+            f"data: {n} structures cannot give a training split and non-empty splits for "
+            f"val_fraction={val_fraction} ({n_val}) and test_fraction={test_fraction} "
+            f"({n_test}); use more structures, or set data.val_fraction=0 / "
+            f"data.test_fraction=0 to have no such split"
         )
     generator = torch.Generator().manual_seed(int(seed))
     order = torch.randperm(n, generator=generator).tolist()
@@ -88,7 +93,9 @@ class AtomisticDataModule(lightning.LightningDataModule):
     Args:
         dataset: an embedded dataset name (``emt``, ``dos``), used when ``path`` is None.
         path: a structure file (anything ``ase.io.read`` reads).
-        n_structures: size of the embedded dataset (its default if None).
+        n_structures: how many structures to use: the size of the embedded dataset
+            (its default if None), or the first ``n_structures`` of ``path`` (all if
+            None; more than the file has is an error).
         targets: target name -> options (spec form); None/empty: the embedded ones.
         extra_data: name -> ``{read_from: file.mts}`` (added to the embedded ones).
         val_fraction, test_fraction: split fractions (random, seeded by ``split_seed``).
@@ -137,6 +144,7 @@ class AtomisticDataModule(lightning.LightningDataModule):
         self.val_dataset: AtomisticDataset | None = None
         self.test_dataset: AtomisticDataset | None = None
         self.split: dict[str, list[int]] = {}
+        self.report: DataReport | None = None
         self._atomic_types: list[int] = []
         self.neighbor_lists: list[NeighborListOptions] = []
 
@@ -162,7 +170,12 @@ class AtomisticDataModule(lightning.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Read the data and split it (once), and attach the neighbour lists the
-        Trainer's LightningModule requests (on every call with a Trainer)."""
+        Trainer's LightningModule requests (on every call with a Trainer).
+
+        Reading warns (:class:`~pl_mtt.data.report.DataWarning`) about NaN target
+        entries (left out of the loss and the scales) and elements absent from the
+        training split; :meth:`summary` describes what was read.
+        """
         self._load()
         module = self.trainer.lightning_module if self.trainer is not None else None
         if module is not None:
@@ -183,6 +196,8 @@ class AtomisticDataModule(lightning.LightningDataModule):
             return
         path, targets, extra = self._sources()
         full = AtomisticDataset.from_file(path, targets, extra, dtype=self.dtype)
+        n_available = len(full)
+        full = self._first_structures(full, path)
         full.request_neighbor_lists(self.neighbor_lists)
         self._atomic_types = full.atomic_types
         train, val, test = split_indices(
@@ -192,6 +207,36 @@ class AtomisticDataModule(lightning.LightningDataModule):
         self.train_dataset = full.subset(train)
         self.val_dataset = full.subset(val)
         self.test_dataset = full.subset(test)
+        self.report = DataReport.from_dataset(
+            full,
+            self.split,
+            files=[path],
+            n_available=n_available,
+            limit=None if self.n_structures is None else f"data.n_structures={len(full)}",
+            split_seed=self.split_seed,
+            configured_targets=targets,
+        )
+        for message in self.report.warnings():
+            warnings.warn(message, DataWarning, stacklevel=2)
+
+    def _first_structures(self, full: AtomisticDataset, path: str) -> AtomisticDataset:
+        """The first ``n_structures`` of a user's file (embedded datasets are generated
+        with that size already)."""
+        if self.path is None or self.n_structures is None:
+            return full
+        n = int(self.n_structures)
+        if not 1 <= n <= len(full):
+            raise ValueError(
+                f"data.n_structures={n}: '{path}' has {len(full)} structures; give a "
+                f"number from 1 to {len(full)}, or null for all of them"
+            )
+        return full if n == len(full) else full.subset(range(n))
+
+    def summary(self) -> str:
+        """What was read and how it was split: files, structure counts, split sizes,
+        targets and gradients with their keys, elements per split, NaN entries."""
+        self._loaded()
+        return self.report.text()
 
     def _loaded(self) -> AtomisticDataset:
         self._load()

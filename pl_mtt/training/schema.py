@@ -63,8 +63,9 @@ class DataConfig:
         data:
           dataset: emt              # an embedded dataset, or null with `path`
           path: null                # any file ase.io.read understands
+          n_structures: null        # embedded: how many; a file: the first n
           targets:                  # the spec's training_set.targets form
-            energy: {quantity: energy, key: energy, forces: true, stress: true}
+            energy: {quantity: energy, key: dft_energy, forces: dft_forces}  # stress: detected
           extra_data: {}            # name -> {read_from: file.mts}
           batch_size: 8
     """
