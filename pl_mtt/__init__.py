@@ -15,7 +15,7 @@
 
 from pl_mtt import _legacy_paths, scaling
 from pl_mtt.config import expand_loss_config
-from pl_mtt.interop.calculator import calculator
+from pl_mtt.interop.ase_calculator import calculator
 from pl_mtt.loss_module import LossModule
 from pl_mtt.scaling import CompositionModel, Scaler, fit_pass
 from pl_mtt.training import AtomisticTask, InferenceModel, PhysicalMetrics, ScalerCallback

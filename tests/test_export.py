@@ -377,3 +377,75 @@ def test_unwritable_paths_and_missing_checkpoints(tasks, tmp_path):
         export_model(tmp_path / "bad.ckpt", tmp_path / "x.pt")
     with pytest.raises(ValueError, match="does not exist"):
         pl_mtt.calculator(tmp_path / "nothing.pt")
+
+
+@pytest.mark.slow
+def test_a_model_with_torchscript_extensions_has_exact_forces_in_a_fresh_process(tmp_path):
+    """SOAP-BPNN (metatrain) needs sphericart's extension, whose autograd formulas its
+    Python package registers: pl_mtt.calculator imports it, so forces are the gradient
+    of the energy in a process that imported nothing (metatomic's loader alone gives
+    forces 0.02 eV/Å off here)."""
+    pytest.importorskip("metatrain")
+    path = tmp_path / "soap.pt"
+    result = python_subprocess([str(SCRIPTS / "soap_bpnn_export.py"), str(path)], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split("\n")[-2] == "['sphericart_torch']"
+    assert (tmp_path / "extensions").is_dir()
+    result = python_subprocess([str(SCRIPTS / "calculator_forces.py"), str(path)], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    error, largest = map(float, result.stdout.split())
+    assert largest > 1e-3
+    assert error < 1e-6 * max(largest, 1.0)
+
+
+def test_a_per_atom_target_gets_its_per_type_scales_and_baseline():
+    """Per-atom target (charges-like, two properties): the exported values equal
+    AtomisticTask.forward atom by atom (per-type scales and baselines), and summed per
+    structure when the engine asks for one value per structure."""
+    from metatomic.torch import ModelEvaluationOptions, ModelOutput
+
+    from pl_mtt import CompositionModel, Scaler, fit_pass
+    from pl_mtt.data import attach_neighbor_lists, collate
+    from pl_mtt.tensormaps import atomistic_tensor_map, range_labels, zero_sample_layout
+
+    frames = [ase.build.bulk("Cu", "fcc", a=3.6, cubic=True), _rattled_cell()]
+    systems = [atoms_to_system(a) for a in frames]
+    generator = torch.Generator().manual_seed(1)
+    targets = []
+    for system in systems:  # per-type offsets and spreads the fit must pick up
+        n = len(system)
+        values = torch.randn(n, 2, generator=generator, dtype=torch.float64)
+        values = values * (1 + (system.types[:, None] == 79)) + 3.0 * (system.types[:, None] == 79)
+        targets.append(
+            atomistic_tensor_map(
+                values,
+                range_labels("properties", 2),
+                per_atom=True,
+                atom_system=torch.zeros(n, dtype=torch.int64),
+                atom_index=torch.arange(n),
+            )
+        )
+    name = "mtt::charges"
+    batch = collate([(s, {name: t}, {}) for s, t in zip(systems, targets, strict=True)])
+    layouts = {name: zero_sample_layout(batch[1][name])}
+    scaler, composition = Scaler([29, 79], layouts), CompositionModel([29, 79], layouts)
+    fit_pass([batch], scaler, composition)
+    model = RadialMLP(**SMALL, target=name, quantity="charge", num_properties=2, per_atom=True)
+    task = AtomisticTask(model, "mse", {name: {"per_atom": True}}).eval()
+    task.scaler, task.composition = scaler, composition
+    scaled = scaler.scales[name].block().values
+    assert not torch.allclose(scaled[0], scaled[1])  # really per type
+    exported = torch.jit.script(atomistic_model(task))
+    assert exported.capabilities().outputs[name].sample_kind == "atom"
+    attach_neighbor_lists(systems, exported.requested_neighbor_lists())
+    expected = _reference(task, systems)[name].block().values
+    for kind in ("atom", "system"):
+        options = ModelEvaluationOptions(
+            length_unit="angstrom", outputs={name: ModelOutput(sample_kind=kind)}
+        )
+        values = exported(systems, options, check_consistency=True)[name].block().values
+        if kind == "atom":
+            _close(values, expected, 1e-12, "per atom")
+        else:
+            sums = torch.stack([expected[:4].sum(0), expected[4:].sum(0)])
+            _close(values, sums, 1e-12, "per structure")

@@ -7,7 +7,12 @@
   calculator for an exported file or a checkpoint.
 """
 
-from pl_mtt.interop.calculator import calculator, is_exported_model
+from pl_mtt.interop.ase_calculator import (
+    calculator,
+    import_extension_packages,
+    is_exported_model,
+    recorded_extensions,
+)
 from pl_mtt.interop.export import (
     atomistic_model,
     export_model,
@@ -23,7 +28,9 @@ __all__ = [
     "calculator",
     "export_model",
     "exported_output_names",
+    "import_extension_packages",
     "is_exported_model",
     "load_task",
     "model_metadata",
+    "recorded_extensions",
 ]

@@ -553,8 +553,9 @@ def export_model(
     targets: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write the metatomic model of ``source`` (an ``AtomisticTask`` or its checkpoint)
-    to ``path``; TorchScript extensions the model uses (e.g. sphericart's) are collected
-    into ``extensions_directory`` (default: ``extensions/`` next to ``path``), from which
+    to ``path``; the TorchScript extensions loaded in this process (e.g. sphericart's for
+    SOAP-BPNN; metatomic records them all) are collected into ``extensions_directory``
+    (default: ``extensions/`` next to ``path``, replaced if it exists), from which
     :func:`pl_mtt.calculator` and ``load_atomistic_model`` load them. Returns ``path``."""
     path = Path(path)
     if path.is_dir():
@@ -565,10 +566,13 @@ def export_model(
         source, metadata=metadata, unscaled=unscaled, atomic_types=atomic_types, targets=targets
     )
     extensions = Path(extensions_directory) if extensions_directory else path.parent / "extensions"
+    # metatomic records every TorchScript extension loaded in this process, and replaces
+    # the directory it collects them into: only collect when there is one
+    collect = str(extensions) if _loaded_extensions() else None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script
-            atomistic.save(str(path), collect_extensions=str(extensions))
+            atomistic.save(str(path), collect_extensions=collect)
     except OSError as error:
         raise ValueError(f"export: cannot write '{path}': {error}") from error
     except RuntimeError as error:
@@ -577,9 +581,18 @@ def export_model(
             f"export: the model could not be compiled with TorchScript (every method "
             f"raw_outputs calls must be TorchScript code): {cause}"
         ) from error
-    if extensions.is_dir() and not any(extensions.iterdir()):
-        extensions.rmdir()  # a pure-torch model has no extension to collect
     return path
+
+
+def _loaded_extensions() -> list[str]:
+    """TorchScript extension libraries loaded in this process, beyond metatensor's and
+    metatomic's own (which every engine provides)."""
+    core = ("metatensor_torch", "metatomic_torch")
+    return [
+        library
+        for library in torch.ops.loaded_libraries
+        if not any(name in Path(library).name for name in core)
+    ]
 
 
 def export_run_model(

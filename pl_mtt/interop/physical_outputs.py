@@ -135,9 +135,10 @@ class PhysicalOutputs(torch.nn.Module):
             if name not in self.source:
                 continue
             source = self.source[name]
-            per_atom = request.sample_kind == "atom"
+            # per-atom targets are scaled per type: always asked per atom, summed here
+            per_atom = request.sample_kind == "atom" or self.per_atom_target[self.raw_index[source]]
             if source not in requests or per_atom:
-                requests[source] = ModelOutput(sample_kind=request.sample_kind)
+                requests[source] = ModelOutput(sample_kind="atom" if per_atom else "system")
         raw = self.model.raw_outputs(systems, requests, selected_atoms)
 
         # per-batch facts: atomic numbers, first atom of each system, type counts

@@ -10,6 +10,7 @@ structure: {name: values}]}`` with torch.save.
 """
 
 import sys
+from pathlib import Path
 
 import ase.io
 import torch
@@ -18,7 +19,8 @@ from metatomic_ase import MetatomicCalculator
 
 
 def predictions(path: str, frames: list) -> list[dict]:
-    model = load_atomistic_model(path)
+    extensions = Path(path).parent / "extensions"  # metatomic records every loaded one
+    model = load_atomistic_model(path, str(extensions) if extensions.is_dir() else None)
     capabilities = model.capabilities()
     calculator = MetatomicCalculator(model, uncertainty_threshold=None, device="cpu")
     results = []
