@@ -62,7 +62,8 @@ def tiny_run(tmp_path_factory, cache):
     from tests.conftest import python_subprocess
 
     root = tmp_path_factory.mktemp("tiny")
-    result = python_subprocess(["-m", "pl_mtt.train", *TINY], cwd=root, env=cache)
+    metadata = ["export.name=Tiny EMT", "export.authors=[A. Author]"]
+    result = python_subprocess(["-m", "pl_mtt.train", *TINY, *metadata], cwd=root, env=cache)
     assert result.returncode == 0, result.stderr[-4000:]
     return _run_dir(root), result
 
@@ -120,9 +121,17 @@ def test_run_writes_a_metatomic_model_that_mtt_eval_runs(
 ):
     """The run's ``model-metatomic.pt``: metatrain's ``mtt eval`` (its second argument is
     an options file) gives the energies and forces of the checkpoint's AtomisticTask."""
+    from metatomic.torch import load_atomistic_model
+
+    from pl_mtt.interop.export import main as export_main
+
     run_dir, _ = tiny_run
     exported = run_dir / "model-metatomic.pt"
-    assert exported.is_file()
+    metadata = load_atomistic_model(exported).metadata()
+    assert (metadata.name, metadata.authors) == ("Tiny EMT", ["A. Author"])
+    # the command line reads the metadata from the run's config
+    again = export_main([str(run_dir / "checkpoints" / "last.ckpt"), "-o", str(tmp_path / "x.pt")])
+    assert load_atomistic_model(again).metadata().name == "Tiny EMT"
     monkeypatch.setenv("PL_MTT_CACHE", cache["PL_MTT_CACHE"])
     frames = ase.io.read(embedded_dataset("emt", n_structures=16).path, index=":4")
     ase.io.write(tmp_path / "structures.xyz", frames, format="extxyz")
