@@ -12,6 +12,8 @@
       val_fraction: 0.1
       test_fraction: 0.1
       batch_size: 8
+      max_atoms_per_batch: null   # e.g. 2000: batches packed by atom count instead
+      min_atoms_per_batch: 0
       num_workers: 0
       split_seed: 0
 
@@ -32,6 +34,14 @@ Distributed runs: the training loader is a plain shuffled loader, which Lightnin
 shards with its ``DistributedSampler`` (padded, so that every rank runs the same number
 of steps); validation and test loaders use :class:`StridedShardSampler` (never padded,
 each structure once over all ranks), which Lightning keeps as it is.
+
+With ``max_atoms_per_batch`` (metatrain's option), every loader yields batches of at most
+that many atoms (``batch_size`` is then not used) from an :class:`AtomBatchSampler`:
+in training every rank runs the same number of steps with nearly the same number of
+atoms per step and every structure is used once per epoch (nothing padded or dropped),
+reshuffled every epoch from ``split_seed``; validation and test are strided shards
+packed by atoms, never padded. ``min_atoms_per_batch`` is the fewest atoms of a training
+batch (checked when the loader is made).
 """
 
 from __future__ import annotations
@@ -50,7 +60,7 @@ from pl_mtt.data.collate import batch_to, collate
 from pl_mtt.data.dataset import AtomisticDataset
 from pl_mtt.data.embedded import EmbeddedDataset, embedded_dataset
 from pl_mtt.data.report import DataReport, DataWarning
-from pl_mtt.data.sampler import StridedShardSampler
+from pl_mtt.data.sampler import AtomBatchSampler, BatchedDataset, StridedShardSampler
 from pl_mtt.tensormaps.neighbors import requested_neighbor_lists
 
 __all__ = ["AtomisticDataModule", "split_indices"]
@@ -100,6 +110,10 @@ class AtomisticDataModule(lightning.LightningDataModule):
         extra_data: name -> ``{read_from: file.mts}`` (added to the embedded ones).
         val_fraction, test_fraction: split fractions (random, seeded by ``split_seed``).
         batch_size: structures per batch.
+        max_atoms_per_batch: batches bounded by this many atoms instead (None: off); a
+            structure with more atoms is an error.
+        min_atoms_per_batch: the fewest atoms in a training batch (with
+            ``max_atoms_per_batch``).
         num_workers: ``DataLoader`` workers.
         split_seed: seed of the split (and of the training shuffle).
         dtype: ``"float64"`` (default) or ``"float32"``.
@@ -115,6 +129,8 @@ class AtomisticDataModule(lightning.LightningDataModule):
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         batch_size: int = 8,
+        max_atoms_per_batch: int | None = None,
+        min_atoms_per_batch: int = 0,
         num_workers: int = 0,
         split_seed: int = 0,
         dtype: str | torch.dtype = "float64",
@@ -128,6 +144,9 @@ class AtomisticDataModule(lightning.LightningDataModule):
             dtype = _DTYPES[dtype]
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        _check_atom_bounds(max_atoms_per_batch, min_atoms_per_batch)
+        self.max_atoms_per_batch = max_atoms_per_batch
+        self.min_atoms_per_batch = int(min_atoms_per_batch)
         self.dataset_name = dataset
         self.path = path
         self.n_structures = n_structures
@@ -204,6 +223,8 @@ class AtomisticDataModule(lightning.LightningDataModule):
             len(full), self.val_fraction, self.test_fraction, self.split_seed
         )
         self.split = {"train": train, "val": val, "test": test}  # indices into the file
+        if self.max_atoms_per_batch is not None:
+            _check_structure_sizes(full, self.max_atoms_per_batch, path, self.split)
         self.train_dataset = full.subset(train)
         self.val_dataset = full.subset(val)
         self.test_dataset = full.subset(test)
@@ -276,14 +297,86 @@ class AtomisticDataModule(lightning.LightningDataModule):
             **kwargs,
         )
 
+    def _atom_loader(self, dataset: AtomisticDataset, training: bool) -> DataLoader:
+        """Batches of at most ``max_atoms_per_batch`` atoms (the sampler yields them)."""
+        sampler = AtomBatchSampler(
+            dataset,
+            self.max_atoms_per_batch,
+            self.min_atoms_per_batch if training else 0,
+            shuffle=training,
+            seed=self.split_seed,
+            equal_steps=training,
+        )
+        if training and self.trainer is not None:
+            # Lightning calls set_epoch after it has drawn the first batch of a fit (it
+            # prefetches): a run resumed at epoch N must start from N's plan already.
+            # The epoch Lightning will pass is the fit loop's count of processed epochs
+            # (current_epoch catches up with it only later).
+            progress = getattr(self.trainer.fit_loop, "epoch_progress", None)
+            epoch = progress.current.processed if progress is not None else None
+            sampler.set_epoch(self.trainer.current_epoch if epoch is None else epoch)
+        return DataLoader(
+            BatchedDataset(dataset),
+            sampler=sampler,
+            batch_size=None,
+            collate_fn=collate,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
     def train_dataloader(self) -> DataLoader:
+        if self.max_atoms_per_batch is not None:
+            return self._atom_loader(self._loaded(), training=True)
         generator = torch.Generator().manual_seed(self.split_seed)
         return self._loader(self._loaded(), shuffle=True, generator=generator)
 
+    def _evaluation_loader(self, dataset: AtomisticDataset) -> DataLoader:
+        if self.max_atoms_per_batch is not None:
+            return self._atom_loader(dataset, training=False)
+        return self._loader(dataset, sampler=StridedShardSampler(dataset))
+
     def val_dataloader(self) -> DataLoader:
         self._loaded()
-        return self._loader(self.val_dataset, sampler=StridedShardSampler(self.val_dataset))
+        return self._evaluation_loader(self.val_dataset)
 
     def test_dataloader(self) -> DataLoader:
         self._loaded()
-        return self._loader(self.test_dataset, sampler=StridedShardSampler(self.test_dataset))
+        return self._evaluation_loader(self.test_dataset)
+
+
+def _check_atom_bounds(max_atoms: Any, min_atoms: Any) -> None:
+    for name, value, least in (
+        ("max_atoms_per_batch", max_atoms, 1),
+        ("min_atoms_per_batch", min_atoms, 0),
+    ):
+        if value is None and name == "max_atoms_per_batch":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"data.{name}: expected an integer >= {least}, got {value!r}")
+    if min_atoms and max_atoms is None:
+        raise ValueError(
+            f"data.min_atoms_per_batch={min_atoms} needs data.max_atoms_per_batch (batches "
+            f"are counted in structures otherwise)"
+        )
+    if max_atoms is not None and min_atoms > max_atoms:
+        raise ValueError(
+            f"data.min_atoms_per_batch ({min_atoms}) is larger than data.max_atoms_per_batch "
+            f"({max_atoms})"
+        )
+
+
+def _check_structure_sizes(
+    dataset: AtomisticDataset, max_atoms: int, path: str, split: dict[str, list[int]]
+) -> None:
+    """Every structure (all splits) fits in a batch of ``max_atoms`` atoms."""
+    counts = dataset.atom_counts()
+    too_large = torch.nonzero(counts > max_atoms).reshape(-1)
+    if too_large.numel():
+        index = int(too_large[0])
+        part = next(name for name, indices in split.items() if index in indices)
+        raise ValueError(
+            f"data.max_atoms_per_batch={max_atoms}: structure {index} of '{path}' "
+            f"({part} split) has {int(counts[index])} atoms, more than a batch may "
+            f"hold ({too_large.numel()} structure(s) are too large; the largest has "
+            f"{int(counts.max())} atoms)"
+        )

@@ -9,6 +9,7 @@
     )
     dataset.target_options   # resolved options -> expand_loss_config / LossModule
     dataset.layouts()        # zero-sample TensorMaps -> Scaler(atomic_types, layouts)
+    dataset.atom_counts()    # atoms per structure -> AtomBatchSampler
     dataset.request_neighbor_lists(requested_neighbor_lists(model))  # once per structure
     system, targets, extra_data = dataset[0]
 """
@@ -74,6 +75,7 @@ class AtomisticDataset(torch.utils.data.Dataset):
                         f"{len(self.systems)} structures"
                     )
         self._check_masks()
+        self._atom_counts: torch.Tensor | None = None
         self.neighbor_lists: list[NeighborListOptions] = []
         self._with_lists: set[int] = set()  # structures that carry every requested list
         self.request_neighbor_lists(neighbor_lists)
@@ -135,6 +137,13 @@ class AtomisticDataset(torch.utils.data.Dataset):
             self.neighbor_lists,
             target_sources=self.target_sources,
         )
+
+    def atom_counts(self) -> torch.Tensor:
+        """Atoms per structure (1-D int64), read without building batches: the interface
+        samplers bounded by atom count use (:class:`pl_mtt.data.AtomBatchSampler`)."""
+        if self._atom_counts is None:
+            self._atom_counts = torch.tensor([len(s) for s in self.systems], dtype=torch.int64)
+        return self._atom_counts
 
     @property
     def atomic_types(self) -> list[int]:

@@ -14,7 +14,8 @@ data is read, its targets resolved (an energy gets forces and stress when the fi
 them) and a summary printed; entries of the configured loss for data the file does not
 provide are left out (and listed), unless the command line names them: then they are
 an error. Config and data mistakes print their message without a traceback
-(``HYDRA_FULL_ERROR=1`` shows it).
+(``HYDRA_FULL_ERROR=1`` shows it). The ``loss_schedule`` stages are checked with the loss,
+against the same targets.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from pl_mtt.interop.export import export_run_model
 from pl_mtt.registry import loss_type_names
 from pl_mtt.training.callbacks import ScalerCallback
 from pl_mtt.training.evaluation import collect
+from pl_mtt.training.loss_schedule import LossSchedule, LossScheduleCallback
 from pl_mtt.training.plots import dos_overlays, learning_curves, parity_plots, write_metrics_table
 from pl_mtt.training.schema import register_configs
 from pl_mtt.training.task import AtomisticTask
@@ -307,11 +309,12 @@ def start_up_summary(data_summary: str, loss: str, data_warnings: Sequence[str] 
 
 
 def check_loss_config(cfg: DictConfig, explicit: Sequence[tuple[str, ...]] = ()) -> None:
-    """The loss grammar against :func:`assumed_targets`, before any data is read."""
+    """The loss grammar (and the ``loss_schedule`` stages merged over the loss) against
+    :func:`assumed_targets`, before any data is read."""
     targets = assumed_targets(cfg)
     if targets:
         loss, _ = restrict_loss_to_targets(cfg.loss, targets, keep=explicit)
-        expand_loss_config(loss, targets)
+        LossSchedule(expand_loss_config(loss, targets), cfg.loss_schedule, targets)
 
 
 def train(cfg: DictConfig, explicit_loss: Sequence[tuple[str, ...]] = ()) -> dict[str, Any]:
@@ -324,6 +327,7 @@ def train(cfg: DictConfig, explicit_loss: Sequence[tuple[str, ...]] = ()) -> dic
         datamodule, data_warnings = read_data(cfg)
         targets = datamodule.target_options
         loss, expanded, dropped = loss_for_data(cfg, targets, explicit_loss)
+        LossSchedule(expanded, cfg.loss_schedule, targets)  # the stages, on the data's terms
     _print(
         start_up_summary(
             datamodule.summary(), loss_summary(expanded, targets, dropped), data_warnings
@@ -352,6 +356,8 @@ def train(cfg: DictConfig, explicit_loss: Sequence[tuple[str, ...]] = ()) -> dic
     callbacks: list = [best, last]
     if cfg.scaler.scale_targets:
         callbacks.append(_scaler_callback(cfg, list(task.dos_targets)))
+    if cfg.loss_schedule:
+        callbacks.append(LossScheduleCallback(cfg.loss_schedule))
     trainer = _trainer(cfg, run_dir, callbacks)
     trainer.fit(task, datamodule, ckpt_path=cfg.ckpt_path)
     has_test = len(datamodule.test_dataset) > 0

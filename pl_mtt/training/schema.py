@@ -68,6 +68,7 @@ class DataConfig:
             energy: {quantity: energy, key: dft_energy, forces: dft_forces}  # stress: detected
           extra_data: {}            # name -> {read_from: file.mts}
           batch_size: 8
+          max_atoms_per_batch: null # or N: batches of at most N atoms, balanced across ranks
     """
 
     dataset: str | None = "emt"
@@ -78,6 +79,8 @@ class DataConfig:
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     batch_size: int = 8
+    max_atoms_per_batch: int | None = None
+    min_atoms_per_batch: int = 0
     num_workers: int = 0
     split_seed: int = 0
     dtype: str = "float64"
@@ -132,6 +135,7 @@ class TrainConfig:
     model: Any = None
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     loss: Any = "mse"
+    loss_schedule: list[Any] = field(default_factory=list)
     scaler: ScalerConfig = field(default_factory=ScalerConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
