@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from metatensor.torch import TensorMap
 from metatomic.torch import System
@@ -62,6 +63,7 @@ class AtomisticDataset(torch.utils.data.Dataset):
                         f"{kind} '{name}' has {len(values)} entries for "
                         f"{len(self.systems)} structures"
                     )
+        self._atom_counts: np.ndarray | None = None
         self._check_masks()
 
     @classmethod
@@ -102,6 +104,12 @@ class AtomisticDataset(torch.utils.data.Dataset):
             {name: [values[i] for i in indices] for name, values in self.extra_data.items()},
             self.target_options,
         )
+
+    def atom_counts(self) -> np.ndarray:
+        """Atoms per structure (int64), as the disk datasets give them."""
+        if self._atom_counts is None:
+            self._atom_counts = np.array([len(s) for s in self.systems], dtype=np.int64)
+        return self._atom_counts
 
     @property
     def atomic_types(self) -> list[int]:

@@ -1,0 +1,155 @@
+"""``FileDataset``: the shared part of datasets whose structures stay on disk.
+
+Items are read on access (in ``DataLoader`` workers when there are any); what is kept in
+memory is an index of a few integers per structure (offsets, atom counts), never the
+structures. A :meth:`FileDataset.subset` is a view sharing that index. Files are read
+with ``os.pread`` through descriptors opened lazily in each process, so a dataset can be
+sent to forked or spawned workers.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from metatensor.torch import TensorMap
+from metatomic.torch import System
+
+from pl_mtt.data.extra_data import read_extra_data
+from pl_mtt.data.layout import zero_sample_layout
+
+__all__ = ["FileDataset", "OpenFiles"]
+
+Item = tuple[System, dict[str, TensorMap], dict[str, TensorMap]]
+
+
+class OpenFiles:
+    """File descriptors opened on first use in each process (``pread``: no shared file
+    position, so forked workers may share them; pickling drops them)."""
+
+    def __init__(self) -> None:
+        self._fds: dict[str, int] = {}
+        self._pid = os.getpid()
+
+    def fd(self, path: str) -> int:
+        if self._pid != os.getpid():  # a forked worker: open its own
+            self._fds, self._pid = {}, os.getpid()
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+        return fd
+
+    def read(self, path: str, offset: int, size: int) -> bytes:
+        """``size`` bytes at ``offset`` of ``path`` (fewer at the end of the file)."""
+        return os.pread(self.fd(path), size, offset)
+
+    def close(self) -> None:
+        if self._pid == os.getpid():
+            for fd in self._fds.values():
+                os.close(fd)
+        self._fds = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except OSError:
+            pass
+
+
+class FileDataset(torch.utils.data.Dataset):
+    """A map-style dataset of ``(system, targets, extra_data)`` items read from a file.
+
+    Subclasses set ``path``, ``dtype``, ``target_options`` (resolved, as
+    :func:`pl_mtt.data.read_targets` returns them) and implement :meth:`n_entries`,
+    :meth:`read_entry`, :meth:`all_atom_counts` and :meth:`entry_types`.
+    """
+
+    path: str
+    dtype: torch.dtype
+    target_options: dict[str, dict[str, Any]]
+
+    def __init__(self) -> None:
+        self._entries: np.ndarray | None = None  # None: every entry, in file order
+        self._external: dict[str, list[TensorMap]] = {}  # extra data from .mts files
+        self._atomic_types: list[int] | None = None
+
+    # -- what a format implements ----------------------------------------------------
+    def n_entries(self) -> int:
+        """Number of structures in the file."""
+        raise NotImplementedError
+
+    def read_entry(self, entry: int) -> Item:
+        """Structure ``entry`` of the file, with its targets and extra data."""
+        raise NotImplementedError
+
+    def all_atom_counts(self) -> np.ndarray:
+        """Atoms per structure of the whole file (int64), without reading structures."""
+        raise NotImplementedError
+
+    def entry_types(self, entries: np.ndarray | None) -> list[int]:
+        """Sorted atomic types of the given entries (``None``: all)."""
+        raise NotImplementedError
+
+    # -- the dataset -----------------------------------------------------------------
+    def _load_external(self, name: str, options: dict[str, Any]) -> None:
+        self._external[name] = read_extra_data(name, options, self.n_entries(), self.dtype)
+
+    def __len__(self) -> int:
+        return self.n_entries() if self._entries is None else len(self._entries)
+
+    def entry(self, index: int) -> int:
+        """The file entry of item ``index``."""
+        length = len(self)
+        if not -length <= index < length:
+            raise IndexError(f"index {index} out of range for a dataset of {length} structures")
+        index = index % length
+        return index if self._entries is None else int(self._entries[index])
+
+    def __getitem__(self, index: int) -> Item:
+        entry = self.entry(int(index))
+        system, targets, extra = self.read_entry(entry)
+        for name, values in self._external.items():
+            extra[name] = values[entry]
+        return system, targets, extra
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> FileDataset:
+        """A view of the structures at ``indices`` (sharing the file index)."""
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        length = len(self)
+        if len(indices) and (indices.min() < 0 or indices.max() >= length):
+            raise IndexError(f"subset indices must be in 0..{length - 1}")
+        view = copy.copy(self)
+        view._entries = indices if self._entries is None else self._entries[indices]
+        view._atomic_types = None
+        return view
+
+    def atom_counts(self) -> np.ndarray:
+        """Atoms per structure of this dataset (int64), read from the file's index."""
+        counts = self.all_atom_counts()
+        return counts if self._entries is None else counts[self._entries]
+
+    @property
+    def atomic_types(self) -> list[int]:
+        """Sorted atomic numbers present in this dataset (computed once, by reading the
+        types of every structure: cheap for a memmap directory, a pass over the
+        ``system.mta`` members for a zip)."""
+        if self._atomic_types is None:
+            self._atomic_types = self.entry_types(self._entries)
+        return self._atomic_types
+
+    def layouts(self) -> dict[str, TensorMap]:
+        """Zero-sample TensorMaps describing each target (from the first structure)."""
+        if len(self) == 0:
+            raise ValueError(f"'{self.path}': an empty dataset has no target layouts")
+        _, targets, _ = self[0]
+        return {name: zero_sample_layout(value) for name, value in targets.items()}
