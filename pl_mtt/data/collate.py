@@ -26,7 +26,9 @@ Batch = tuple[list[System], dict[str, TensorMap], dict[str, TensorMap]]
 
 
 def _join_samples(
-    names: list[str], parts: list[torch.Tensor], row_offsets: Optional[torch.Tensor]  # noqa: UP045
+    names: list[str],
+    parts: list[torch.Tensor],
+    row_offsets: Optional[torch.Tensor],  # noqa: UP045
 ) -> Labels:
     """Concatenate sample arrays; ``system`` -> batch position, ``sample`` += offset."""
     values = torch.cat(parts)

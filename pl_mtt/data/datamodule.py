@@ -4,7 +4,8 @@
 
     data:                      # the arguments of AtomisticDataModule
       dataset: emt             # embedded dataset (emt, dos), used when `path` is null
-      path: null               # any file ase.io.read understands (wins over `dataset`)
+      path: null               # a file ase.io.read understands, a metatrain DiskDataset
+                               # .zip or MemmapDataset directory (wins over `dataset`)
       n_structures: null       # embedded datasets: how many to generate
       targets:                 # spec form; empty -> the embedded dataset's targets
         energy: {quantity: energy, key: energy, forces: true, stress: true}
@@ -18,7 +19,9 @@
 After :meth:`setup` (called by Lightning, or by hand before building the model):
 ``target_options`` (resolved: pass them to ``LossModule`` / ``expand_loss_config``),
 ``layouts()`` and ``atomic_types`` (for the ``Scaler``), ``train_dataset``,
-``val_dataset``, ``test_dataset`` and ``split`` (their indices in the file). Its
+``val_dataset``, ``test_dataset`` and ``split`` (their indices in the file). A ``.zip``
+or a directory stays on disk (:func:`pl_mtt.data.open_dataset`): structures are read on
+access, in the loader's workers. Its
 ``transfer_batch_to_device`` hook moves batches to the model's device (a
 LightningModule's own hook, if any, takes precedence).
 
@@ -41,7 +44,9 @@ from pl_mtt.config import to_plain
 from pl_mtt.data.collate import batch_to, collate
 from pl_mtt.data.dataset import AtomisticDataset
 from pl_mtt.data.embedded import EmbeddedDataset, embedded_dataset
+from pl_mtt.data.file_dataset import FileDataset
 from pl_mtt.data.sampler import StridedShardSampler
+from pl_mtt.data.sources import open_dataset
 
 __all__ = ["AtomisticDataModule", "split_indices"]
 
@@ -80,7 +85,8 @@ class AtomisticDataModule(lightning.LightningDataModule):
 
     Args:
         dataset: an embedded dataset name (``emt``, ``dos``), used when ``path`` is None.
-        path: a structure file (anything ``ase.io.read`` reads).
+        path: a structure file (anything ``ase.io.read`` reads), a metatrain
+            ``DiskDataset`` ``.zip`` or a ``MemmapDataset`` directory.
         n_structures: size of the embedded dataset (its default if None).
         targets: target name -> options (spec form); None/empty: the embedded ones.
         extra_data: name -> ``{read_from: file.mts}`` (added to the embedded ones).
@@ -126,11 +132,11 @@ class AtomisticDataModule(lightning.LightningDataModule):
         self.split_seed = int(split_seed)
         self.dtype = dtype
         self.embedded: EmbeddedDataset | None = None
-        self.train_dataset: AtomisticDataset | None = None
-        self.val_dataset: AtomisticDataset | None = None
-        self.test_dataset: AtomisticDataset | None = None
+        self.full_dataset: AtomisticDataset | FileDataset | None = None
+        self.train_dataset: AtomisticDataset | FileDataset | None = None
+        self.val_dataset: AtomisticDataset | FileDataset | None = None
+        self.test_dataset: AtomisticDataset | FileDataset | None = None
         self.split: dict[str, list[int]] = {}
-        self._atomic_types: list[int] = []
 
     # -- loading --------------------------------------------------------------------
     def _sources(self) -> tuple[str, dict[str, Any], dict[str, Any]]:
@@ -157,8 +163,8 @@ class AtomisticDataModule(lightning.LightningDataModule):
         if self.train_dataset is not None:
             return
         path, targets, extra = self._sources()
-        full = AtomisticDataset.from_file(path, targets, extra, dtype=self.dtype)
-        self._atomic_types = full.atomic_types
+        full = open_dataset(path, targets, extra, dtype=self.dtype)
+        self.full_dataset = full
         train, val, test = split_indices(
             len(full), self.val_fraction, self.test_fraction, self.split_seed
         )
@@ -167,7 +173,7 @@ class AtomisticDataModule(lightning.LightningDataModule):
         self.val_dataset = full.subset(val)
         self.test_dataset = full.subset(test)
 
-    def _loaded(self) -> AtomisticDataset:
+    def _loaded(self) -> AtomisticDataset | FileDataset:
         if self.train_dataset is None:
             self.setup()
         return self.train_dataset
@@ -180,9 +186,10 @@ class AtomisticDataModule(lightning.LightningDataModule):
 
     @property
     def atomic_types(self) -> list[int]:
-        """Atomic numbers present anywhere in the data (all splits), sorted."""
+        """Atomic numbers present anywhere in the data (all splits), sorted (for a zip,
+        computed on first use by reading every structure's types)."""
         self._loaded()
-        return self._atomic_types
+        return self.full_dataset.atomic_types
 
     def layouts(self) -> dict[str, Any]:
         """Zero-sample TensorMaps describing each target (``Scaler`` layouts)."""
@@ -196,7 +203,7 @@ class AtomisticDataModule(lightning.LightningDataModule):
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     # -- loaders --------------------------------------------------------------------
-    def _loader(self, dataset: AtomisticDataset, **kwargs: Any) -> DataLoader:
+    def _loader(self, dataset: AtomisticDataset | FileDataset, **kwargs: Any) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.batch_size,

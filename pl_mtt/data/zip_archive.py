@@ -286,7 +286,17 @@ class ZipWriter:
         crc = zlib.crc32(data)
         flags = 0 if encoded.isascii() else 0x800
         header = _LOCAL.pack(
-            _LOCAL_SIGNATURE, 20, flags, _STORED, 0, _DOS_DATE_1980, crc, size, size, len(encoded), 0
+            _LOCAL_SIGNATURE,
+            20,
+            flags,
+            _STORED,
+            0,
+            _DOS_DATE_1980,
+            crc,
+            size,
+            size,
+            len(encoded),
+            0,
         )
         self._file.write(header)
         self._file.write(encoded)

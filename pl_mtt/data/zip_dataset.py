@@ -152,7 +152,9 @@ class ZipIndex:
         self.crcs[where] = np.frombuffer(crcs, dtype=crcs.typecode).astype(np.uint32)
         self.methods[where] = np.frombuffer(methods, dtype=np.uint8)
         self.field_ids = field_ids
-        self.atom_counts = None if atom_counts_member is None else self._atom_counts(atom_counts_member)
+        self.atom_counts = (
+            None if atom_counts_member is None else self._atom_counts(atom_counts_member)
+        )
 
     def _check_dense(self, count: np.ndarray) -> None:
         if (count == 1).all():

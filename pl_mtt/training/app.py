@@ -28,7 +28,7 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
 from pl_mtt.config import expand_loss_config
-from pl_mtt.data import AtomisticDataModule, AtomisticDataset, collate
+from pl_mtt.data import AtomisticDataModule, collate, open_dataset
 from pl_mtt.registry import loss_type_names
 from pl_mtt.training.callbacks import ScalerCallback
 from pl_mtt.training.evaluation import collect
@@ -111,13 +111,16 @@ def _datamodule(cfg: DictConfig) -> AtomisticDataModule:
     return AtomisticDataModule(**data)
 
 
-def _scaler_callback(cfg: DictConfig, dos_targets: list[str]) -> ScalerCallback:
+def _scaler_callback(cfg: DictConfig, dos_targets: list[str], run_dir: Path) -> ScalerCallback:
     scaler = OmegaConf.to_container(cfg.scaler, resolve=True)
     return ScalerCallback(
         per_structure_targets=scaler["per_structure_targets"],
         composition=scaler["composition"],
         no_composition=dos_targets,
         fixed_scales=scaler["fixed_scales"] or None,
+        fixed_baseline=scaler["fixed_baseline"] or None,
+        statistics=scaler["statistics"],
+        save_statistics=run_dir / "statistics.yaml" if scaler["save_statistics"] else None,
         refit=scaler["refit_on_resume"],
     )
 
@@ -165,7 +168,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
     callbacks: list = [checkpoint]
     if cfg.scaler.scale_targets:
-        callbacks.append(_scaler_callback(cfg, list(task.dos_targets)))
+        callbacks.append(_scaler_callback(cfg, list(task.dos_targets), run_dir))
     trainer = _trainer(cfg, run_dir, callbacks)
     trainer.fit(task, datamodule, ckpt_path=cfg.ckpt_path)
     results = trainer.test(task, datamodule, verbose=False)
@@ -186,7 +189,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     data = _datamodule(cfg)
     path, _, extra = data._sources()
     targets = training_targets(cfg) or task.target_options
-    dataset = AtomisticDataset.from_file(path, targets, extra, dtype=data.dtype)
+    dataset = open_dataset(path, targets, extra, dtype=data.dtype)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=cfg.data.batch_size, collate_fn=collate, shuffle=False
     )
