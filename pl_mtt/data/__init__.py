@@ -18,8 +18,8 @@ from pl_mtt.data.dataset import AtomisticDataset
 from pl_mtt.data.embedded import EmbeddedDataset, cache_dir, embedded_dataset
 from pl_mtt.data.extra_data import read_extra_data, split_by_system
 from pl_mtt.data.file_dataset import FileDataset
-from pl_mtt.data.memmap_dataset import MemmapDataset, MemmapDatasetWriter
 from pl_mtt.data.layout import property_labels, structure_tensor_map, zero_sample_layout
+from pl_mtt.data.memmap_dataset import MemmapDataset, MemmapDatasetWriter
 from pl_mtt.data.sampler import StridedShardSampler
 from pl_mtt.data.sources import dataset_format, open_dataset, write_dataset
 from pl_mtt.data.systems import atoms_to_system, read_atoms, system_to_atoms

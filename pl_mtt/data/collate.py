@@ -62,7 +62,7 @@ def _join_blocks(blocks: list[TensorBlock]) -> tuple[Optional[TensorBlock], str]
         present = block.gradients_list()
         for name in gradient_names:
             if name not in present:
-                return None, "structure {} of the batch has no '{}' gradient".format(index, name)
+                return None, f"structure {index} of the batch has no '{name}' gradient"
             gradient = block.gradient(name)
             gradient_values[name].append(gradient.values)
             gradient_samples[name].append(gradient.samples.values)
@@ -96,7 +96,7 @@ def _join_maps(tensor_maps: list[TensorMap]) -> tuple[Optional[TensorMap], str]:
     for index, tensor_map in enumerate(tensor_maps):
         other = tensor_map.keys.values
         if other.shape != key_values.shape or not torch.equal(other, key_values):
-            return None, "keys {}".format(index)
+            return None, f"keys {index}"
     blocks: list[TensorBlock] = []
     for b in range(key_values.shape[0]):
         parts: list[TensorBlock] = []

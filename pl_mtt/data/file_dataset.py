@@ -9,6 +9,7 @@ sent to forked or spawned workers.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from collections.abc import Sequence
@@ -60,10 +61,8 @@ class OpenFiles:
         self.__init__()
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.close()
-        except OSError:
-            pass
 
 
 class FileDataset(torch.utils.data.Dataset):

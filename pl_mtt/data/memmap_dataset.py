@@ -126,7 +126,9 @@ class MemmapDataset(FileDataset):
             try:
                 arrays[name] = np.load(file, allow_pickle=False)
             except Exception as error:
-                raise ValueError(f"memmap dataset '{self.path}': cannot read '{name}': {error}")
+                raise ValueError(
+                    f"memmap dataset '{self.path}': cannot read '{name}': {error}"
+                ) from error
         ns, na = arrays["ns.npy"], arrays["na.npy"]
         if ns.size != 1 or not np.issubdtype(ns.dtype, np.integer):
             raise ValueError(

@@ -45,8 +45,8 @@ from pl_mtt.config import to_plain
 from pl_mtt.data.disk_options import parse_extra_options, parse_target_options
 from pl_mtt.data.file_dataset import FileDataset, OpenFiles
 from pl_mtt.data.layout import item_labels, shared_item_labels
-from pl_mtt.tensormaps.block_ops import lazy_script
 from pl_mtt.data.zip_archive import ZipWriter, central_directory, read_member
+from pl_mtt.tensormaps.block_ops import lazy_script
 
 __all__ = ["ZipDataset", "ZipDatasetWriter", "ZipIndex"]
 

@@ -408,7 +408,7 @@ def fixed_baseline_from(statistics: str | Path | Mapping[str, Any]) -> dict[str,
     statistics = read_statistics(statistics)
     result = {}
     for name, entry in statistics["targets"].items():
-        blocks = entry["blocks"] if "blocks" in entry else [entry]
+        blocks = entry.get("blocks", [entry])
         baselines = [dict(block["baseline"]) for block in blocks if "baseline" in block]
         if baselines:
             result[name] = baselines
