@@ -41,7 +41,7 @@ import torch
 from metatensor.torch import TensorMap
 from metatomic.torch import System
 
-from pl_mtt.config import to_plain
+from pl_mtt.config import is_energy_like, to_plain
 from pl_mtt.data.disk_options import parse_extra_options, parse_target_options
 from pl_mtt.data.file_dataset import FileDataset, OpenFiles
 from pl_mtt.data.layout import property_labels, structure_tensor_map
@@ -310,9 +310,12 @@ class MemmapDataset(FileDataset):
         extra = {}
         for name, column in self._extra.items():
             values = torch.from_numpy(self._rows(column, entry).copy()).to(torch.float64)
+            # a mask gets its target's properties (a .bin does not store their names)
+            target = self._targets.get(name.removesuffix("_mask"))
+            energy_like = target is not None and name.endswith("_mask") and target[1]
             extra[name] = structure_tensor_map(
                 values.to(self.dtype),
-                property_labels(column.shape[0], False),
+                property_labels(column.shape[0], energy_like),
                 per_atom=column.per_atom,
             )
         if self.dtype != torch.float64:
@@ -387,6 +390,8 @@ class MemmapDatasetWriter:
     @staticmethod
     def _file_keys(name: str, options: Mapping[str, Any]) -> dict[str, str]:
         keys = {"values": str(options.get("key") or name)}
+        if not is_energy_like(name, options) or options.get("per_atom"):
+            return keys
         virial = bool(options.get("virial"))
         for option in ("forces", "virial" if virial else "stress"):
             keys[option] = gradient_source(name, option, options.get(option), "")[1]
@@ -461,6 +466,11 @@ class MemmapDatasetWriter:
                 f"structure's {first}"
             )
         keys = self._keys[name]
+        if gradients - {"positions", "strain"} or (gradients and "forces" not in keys):
+            raise ValueError(
+                f"{what}: gradients {sorted(gradients)} cannot be written (only forces and "
+                f"stress/virial of a per-structure energy-like target)"
+            )
         self._append(keys["values"], values.numpy().astype(_F32))
         if "positions" in gradients:
             gradient = block.gradient("positions")

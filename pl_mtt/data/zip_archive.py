@@ -65,19 +65,25 @@ def _find_end_record(read_at: ReadAt, file_size: int, what: str) -> tuple[int, i
     """``(number of members, central directory offset, its size)`` (ZIP64 aware)."""
     tail_size = min(file_size, _EOCD.size + _MAX_16)
     tail = read_at(file_size - tail_size, tail_size)
-    position = tail.rfind(struct.pack("<I", _EOCD_SIGNATURE))
-    while position >= 0 and position + _EOCD.size > len(tail):
-        position = tail.rfind(struct.pack("<I", _EOCD_SIGNATURE), 0, position)
+    signature = struct.pack("<I", _EOCD_SIGNATURE)
+    position = tail.rfind(signature)
+    # the record ends the file (after its comment); members that are zips themselves
+    # hold records of their own, which a truncated file could expose at its end
+    while position >= 0 and (
+        position + _EOCD.size > len(tail)
+        or position + _EOCD.size + _EOCD.unpack_from(tail, position)[7] != len(tail)
+    ):
+        position = tail.rfind(signature, 0, position)
     if position < 0:
         raise ValueError(
             f"{what}: not a zip file, or a truncated one (no end-of-central-directory "
-            f"record in its last {tail_size} bytes)"
+            f"record at its end)"
         )
     _, _, _, _, count, cd_size, cd_offset, _ = _EOCD.unpack_from(tail, position)
     end_offset = file_size - tail_size + position
-    if count == _MAX_16 or cd_size == _MAX_32 or cd_offset == _MAX_32:
+    if end_offset >= _ZIP64_LOCATOR.size:  # a ZIP64 locator right before it, if any
         locator_offset = end_offset - _ZIP64_LOCATOR.size
-        locator = read_at(locator_offset, _ZIP64_LOCATOR.size) if locator_offset >= 0 else b""
+        locator = read_at(locator_offset, _ZIP64_LOCATOR.size)
         if len(locator) == _ZIP64_LOCATOR.size:
             signature, _, zip64_offset, _ = _ZIP64_LOCATOR.unpack(locator)
             if signature == _ZIP64_LOCATOR_SIGNATURE:
@@ -89,10 +95,10 @@ def _find_end_record(read_at: ReadAt, file_size: int, what: str) -> tuple[int, i
                     raise ValueError(f"{what}: corrupt ZIP64 end-of-central-directory record")
                 *_, count, cd_size, cd_offset = _ZIP64_EOCD.unpack(record)
                 end_offset = zip64_offset
-    if cd_offset + cd_size > end_offset:
+    if cd_offset + cd_size != end_offset:
         raise ValueError(
             f"{what}: corrupt or truncated zip (its central directory would end at byte "
-            f"{cd_offset + cd_size}, past its end record at byte {end_offset})"
+            f"{cd_offset + cd_size}, its end record is at byte {end_offset})"
         )
     return count, cd_offset, cd_size
 
