@@ -23,6 +23,7 @@ values in both). ``--quick``: 64 and 640 structures.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -84,10 +85,9 @@ def _write_memmap(root: Path, n: int, seed: int) -> None:
     counts = rng.integers(16, 129, size=n).astype(np.int64)
     np.save(root / "ns.npy", np.int64(n))
     np.save(root / "na.npy", np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
-    files = {
-        k: open(root / f"{k}.bin", "wb") for k in ("x", "a", "c", "energy", "forces", "stress")
-    }  # noqa: SIM115
-    try:
+    names = ("x", "a", "c", "energy", "forces", "stress")
+    with contextlib.ExitStack() as stack:
+        files = {k: stack.enter_context(open(root / f"{k}.bin", "wb")) for k in names}
         for start in range(0, n, 10_000):
             chunk = counts[start : start + 10_000]
             atoms = int(chunk.sum())
@@ -113,9 +113,6 @@ def _write_memmap(root: Path, n: int, seed: int) -> None:
             ):
                 dtype = np.int32 if key == "a" else np.float32
                 files[key].write(np.ascontiguousarray(values, dtype=dtype).tobytes())
-    finally:
-        for handle in files.values():
-            handle.close()
 
 
 def generate(n: int, directory: Path) -> tuple[Path, Path]:

@@ -119,7 +119,8 @@ def test_round_trip_pl_mtt_reads_what_was_written(files):
         for name in TARGETS:
             resolved = dict(dataset.target_options[name], read_from=None)
             assert resolved == dict(memory.target_options[name], read_from=None), name
-    assert zipped.target_options["energy"]["forces"] and zipped.target_options["energy"]["stress"]
+    assert zipped.target_options["energy"]["forces"]
+    assert zipped.target_options["energy"]["stress"]
     assert len(memory) == len(zipped) == len(directory) == N
     for index in range(N):
         system, targets, extra = memory[index]
@@ -127,7 +128,8 @@ def test_round_trip_pl_mtt_reads_what_was_written(files):
         z_system, z_targets, z_extra = zipped[index]
         _assert_same(z_system.positions, system.positions, "positions")
         _assert_same(z_system.cell, system.cell, "cell")
-        assert torch.equal(z_system.types, system.types) and torch.equal(z_system.pbc, system.pbc)
+        assert torch.equal(z_system.types, system.types)
+        assert torch.equal(z_system.pbc, system.pbc)
         for name, value in {**targets, **extra}.items():
             other = {**z_targets, **z_extra}[name]
             assert mts.equal_metadata(other, value), name
@@ -423,7 +425,8 @@ def test_convert_errors_name_the_frame(files, tmp_path):
     ase.io.write(path, frames, format="extxyz")
     with pytest.raises(ValueError, match=r"key 'charges' not found in structure 5 of"):
         convert(path, tmp_path / "bad.zip", TARGETS)
-    assert not (tmp_path / "bad.zip").exists() and not (tmp_path / "bad.zip.partial").exists()
+    assert not (tmp_path / "bad.zip").exists()
+    assert not (tmp_path / "bad.zip.partial").exists()
 
     frames = _frames()
     frames[0].calc = None  # energy moved to info, no forces/stress on the first frame
@@ -438,7 +441,7 @@ def test_convert_errors_name_the_frame(files, tmp_path):
 
 def test_write_dataset_refuses_other_paths(files, tmp_path):
     dataset = open_dataset(files["zip"], TARGETS)
-    with pytest.raises(ValueError, match="neither a .zip nor a directory"):
+    with pytest.raises(ValueError, match=r"neither a \.zip nor a directory"):
         write_dataset(tmp_path / "out.xyz", dataset)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("")
@@ -472,6 +475,8 @@ def test_training_runs_from_a_zip_and_a_directory(files, run_python, tmp_path):
     runs = sorted(p.parent for p in tmp_path.glob("outputs/multirun/*/*/*/.hydra"))
     assert len(runs) == 2, runs
     for run in runs:
-        assert (run / "model.pt").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+        assert (run / "model.pt").is_file()
+        assert (run / "checkpoints" / "last.ckpt").is_file()
         statistics = (run / "statistics.yaml").read_text()
-        assert "pl_mtt_statistics: 1" in statistics and "atomic_types: [29, 79]" in statistics
+        assert "pl_mtt_statistics: 1" in statistics
+        assert "atomic_types: [29, 79]" in statistics
