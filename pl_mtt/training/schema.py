@@ -90,15 +90,15 @@ class ScalerConfig:
 
         scaler:
           statistics: null       # a statistics file: loaded, no fit (scaler.statistics=...)
-          fixed_scales: {}       # target -> scale (per type), or a statistics file
-          fixed_baseline: {}     # target -> baseline per type, or a statistics file
+          fixed_scales: null     # target -> scale (per type), or a statistics file
+          fixed_baseline: null   # target -> baseline per type, or a statistics file
           save_statistics: true  # write <run>/statistics.yaml after a fit
     """
 
     scale_targets: bool = True
     composition: bool = True
-    fixed_scales: Any = field(default_factory=dict)
-    fixed_baseline: Any = field(default_factory=dict)
+    fixed_scales: Any = None
+    fixed_baseline: Any = None
     statistics: str | None = None
     save_statistics: bool = True
     per_structure_targets: list[str] = field(default_factory=list)
