@@ -12,7 +12,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,13 @@ import torch
 from metatensor.torch import TensorMap
 from metatomic.torch import System
 
+from pl_mtt.config import to_plain
+from pl_mtt.data.disk_options import (
+    DiskExtraOptions,
+    DiskTargetOptions,
+    parse_extra_options,
+    parse_target_options,
+)
 from pl_mtt.data.extra_data import read_extra_data
 from pl_mtt.data.layout import zero_sample_layout
 
@@ -68,21 +76,45 @@ class OpenFiles:
 class FileDataset(torch.utils.data.Dataset):
     """A map-style dataset of ``(system, targets, extra_data)`` items read from a file.
 
-    Subclasses set ``path``, ``dtype``, ``target_options`` (resolved, as
-    :func:`pl_mtt.data.read_targets` returns them) and implement :meth:`n_entries`,
+    Subclasses index their file, call :meth:`_read_options` (which fills
+    ``target_options``, resolved as :func:`pl_mtt.data.read_targets` returns them,
+    through :meth:`add_target` and :meth:`add_extra`) and implement :meth:`n_entries`,
     :meth:`read_entry`, :meth:`all_atom_counts` and :meth:`entry_types`.
     """
 
-    path: str
-    dtype: torch.dtype
-    target_options: dict[str, dict[str, Any]]
-
-    def __init__(self) -> None:
+    def __init__(self, path: str | Path, dtype: torch.dtype) -> None:
+        self.path = str(path)
+        self.dtype = dtype
+        self.files = OpenFiles()
+        self.target_options: dict[str, dict[str, Any]] = {}
         self._entries: np.ndarray | None = None  # None: every entry, in file order
         self._external: dict[str, list[TensorMap]] = {}  # extra data from .mts files
         self._atomic_types: list[int] | None = None
 
+    def _read_options(
+        self, targets: Mapping[str, Any], extra_data: Mapping[str, Any] | None
+    ) -> None:
+        """Resolve every target and extra-data entry against the file."""
+        for name, options in (to_plain(targets) or {}).items():
+            self.add_target(name, parse_target_options(name, options, self.path))
+        for name, options in (to_plain(extra_data) or {}).items():
+            parsed = parse_extra_options(name, options, self.path)
+            if parsed.external:
+                self._external[name] = read_extra_data(
+                    name, parsed.options, self.n_entries(), self.dtype
+                )
+            else:
+                self.add_extra(name, parsed)
+
     # -- what a format implements ----------------------------------------------------
+    def add_target(self, name: str, options: DiskTargetOptions) -> None:
+        """Resolve one target against the file (fills ``target_options[name]``)."""
+        raise NotImplementedError
+
+    def add_extra(self, name: str, options: DiskExtraOptions) -> None:
+        """Resolve one extra-data field stored in the file."""
+        raise NotImplementedError
+
     def n_entries(self) -> int:
         """Number of structures in the file."""
         raise NotImplementedError
@@ -100,9 +132,6 @@ class FileDataset(torch.utils.data.Dataset):
         raise NotImplementedError
 
     # -- the dataset -----------------------------------------------------------------
-    def _load_external(self, name: str, options: dict[str, Any]) -> None:
-        self._external[name] = read_extra_data(name, options, self.n_entries(), self.dtype)
-
     def __len__(self) -> int:
         return self.n_entries() if self._entries is None else len(self._entries)
 

@@ -42,8 +42,8 @@ from metatensor.torch import TensorMap
 from metatomic.torch import System
 
 from pl_mtt.config import is_energy_like, to_plain
-from pl_mtt.data.disk_options import parse_extra_options, parse_target_options
-from pl_mtt.data.file_dataset import FileDataset, OpenFiles
+from pl_mtt.data.disk_options import DiskExtraOptions, DiskTargetOptions
+from pl_mtt.data.file_dataset import FileDataset
 from pl_mtt.data.layout import property_labels, structure_tensor_map
 from pl_mtt.data.targets import gradient_source
 
@@ -84,12 +84,9 @@ class MemmapDataset(FileDataset):
         extra_data: Mapping[str, Any] | None = None,
         dtype: torch.dtype = torch.float64,
     ) -> None:
-        super().__init__()
+        super().__init__(path, dtype)
         root = Path(path)
-        self.path = str(path)
         self.root = root
-        self.dtype = dtype
-        self.files = OpenFiles()
         if not root.is_dir():
             raise ValueError(f"memmap dataset '{self.path}' is not a directory")
         self.n_structures, self.na = self._read_counts()
@@ -99,19 +96,9 @@ class MemmapDataset(FileDataset):
         self.has_cell = (root / "c.bin").is_file()
         if self.has_cell:
             self._check_size("c.bin", self.n_structures * 36, "cells: ns x 3 x 3 float32")
-        self.target_options: dict[str, dict[str, Any]] = {}
         self._targets: dict[str, tuple[_Column, bool, dict[str, _Column]]] = {}
         self._extra: dict[str, _Column] = {}
-        for name, options in (to_plain(targets) or {}).items():
-            self._add_target(name, options)
-        for name, options in (to_plain(extra_data) or {}).items():
-            parsed = parse_extra_options(name, options, self.path)
-            if parsed.external:
-                self._load_external(name, parsed.options)
-                continue
-            self._extra[name] = self._values_column(
-                f"extra_data.{name}", parsed.key, parsed.per_atom, parsed.num_subtargets
-            )
+        self._read_options(targets, extra_data)
 
     # -- the index -------------------------------------------------------------------
     def _file(self, name: str) -> Path:
@@ -207,8 +194,12 @@ class MemmapDataset(FileDataset):
             )
         return _Column(file, bool(per_atom), (count // rows,))
 
-    def _add_target(self, name: str, options: Any) -> None:
-        parsed = parse_target_options(name, options, self.path)
+    def add_extra(self, name: str, parsed: DiskExtraOptions) -> None:
+        self._extra[name] = self._values_column(
+            f"extra_data.{name}", parsed.key, parsed.per_atom, parsed.num_subtargets
+        )
+
+    def add_target(self, name: str, parsed: DiskTargetOptions) -> None:
         path = f"targets.{name}"
         column = self._values_column(path, parsed.key, parsed.per_atom, parsed.num_subtargets)
         n_properties = column.shape[0]

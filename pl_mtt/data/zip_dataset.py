@@ -41,8 +41,7 @@ import torch
 from metatensor.torch import Labels, TensorBlock, TensorMap
 from metatomic.torch import System
 
-from pl_mtt.config import to_plain
-from pl_mtt.data.disk_options import parse_extra_options, parse_target_options
+from pl_mtt.data.disk_options import DiskExtraOptions, DiskTargetOptions
 from pl_mtt.data.file_dataset import FileDataset, OpenFiles
 from pl_mtt.data.layout import item_labels, shared_item_labels
 from pl_mtt.data.zip_archive import ZipWriter, central_directory, read_member
@@ -416,26 +415,12 @@ class ZipDataset(FileDataset):
         extra_data: Mapping[str, Any] | None = None,
         dtype: torch.dtype = torch.float64,
     ) -> None:
-        super().__init__()
-        self.path = str(path)
-        self.dtype = dtype
-        self.files = OpenFiles()
+        super().__init__(path, dtype)
         self.index = ZipIndex(self.path, self.files)
-        self.target_options: dict[str, dict[str, Any]] = {}
         # name -> (field, gradients kept (None: all), properties of a simple energy)
         self._fields: dict[str, tuple[str, set[str] | None, Labels | None]] = {}
         self._extra_fields: dict[str, str] = {}
-        for name, options in (to_plain(targets) or {}).items():
-            self._add_target(name, options)
-        for name, options in (to_plain(extra_data) or {}).items():
-            parsed = parse_extra_options(name, options, self.path)
-            if parsed.external:
-                self._load_external(name, parsed.options)
-                continue
-            self._check_field(parsed.key, f"extra_data.{name}")
-            stored = self._stored(0, parsed.key)
-            self._check_sample_kind(f"extra_data.{name}", stored, parsed.per_atom, parsed.key)
-            self._extra_fields[name] = parsed.key
+        self._read_options(targets, extra_data)
 
     # -- options ---------------------------------------------------------------------
     def _check_field(self, key: str, path: str) -> None:
@@ -457,8 +442,13 @@ class ZipDataset(FileDataset):
             )
         return stored_per_atom
 
-    def _add_target(self, name: str, options: Any) -> None:
-        parsed = parse_target_options(name, options, self.path)
+    def add_extra(self, name: str, parsed: DiskExtraOptions) -> None:
+        self._check_field(parsed.key, f"extra_data.{name}")
+        stored = self._stored(0, parsed.key)
+        self._check_sample_kind(f"extra_data.{name}", stored, parsed.per_atom, parsed.key)
+        self._extra_fields[name] = parsed.key
+
+    def add_target(self, name: str, parsed: DiskTargetOptions) -> None:
         path = f"targets.{name}"
         self._check_field(parsed.key, path)
         stored = self._stored(0, parsed.key)
