@@ -243,6 +243,27 @@ def test_subset_views_and_batches(files):
         view[2]
 
 
+def test_datasets_go_to_worker_processes(files):
+    import pickle
+    from multiprocessing.reduction import ForkingPickler
+
+    for path in (files["zip"], files["dir"]):
+        dataset = open_dataset(path, TARGETS, DISK_EXTRA).subset([6, 1, 3])
+        copied = pickle.loads(ForkingPickler.dumps(dataset))  # as sent to spawned workers
+        assert mts.equal(copied[0][1]["energy"], dataset[0][1]["energy"])
+        forked = DataLoader(
+            dataset,
+            batch_size=3,
+            collate_fn=collate,
+            num_workers=2,
+            multiprocessing_context="fork",
+        )
+        reference = collate([dataset[i] for i in range(3)])
+        batches = list(forked)
+        assert len(batches) == 1
+        assert mts.equal(batches[0][1]["mtt::charges"], reference[1]["mtt::charges"])
+
+
 def test_zip64_archives_read_by_zipfile_pl_mtt_and_metatrain(files, tmp_path):
     from metatrain.utils.data import DiskDataset
 

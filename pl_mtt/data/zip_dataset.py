@@ -31,6 +31,7 @@ import io
 import warnings
 from array import array
 from collections.abc import Mapping
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Optional
 
@@ -351,6 +352,12 @@ def _to_stored_layout(tensor_map: TensorMap, entry: int) -> TensorMap:
     return TensorMap(tensor_map.keys, blocks)
 
 
+@lru_cache(maxsize=256)
+def _labels(names: tuple[str, ...], values: tuple[tuple[int, ...], ...]) -> Labels:
+    """Labels built once per process from plain values."""
+    return Labels(list(names), torch.tensor(values, dtype=torch.int32).reshape(len(values), -1))
+
+
 @lazy_script
 def _energy_item(
     buffer: torch.Tensor,
@@ -418,7 +425,7 @@ class ZipDataset(FileDataset):
         super().__init__(path, dtype)
         self.index = ZipIndex(self.path, self.files)
         # name -> (field, gradients kept (None: all), properties of a simple energy)
-        self._fields: dict[str, tuple[str, set[str] | None, Labels | None]] = {}
+        self._fields: dict[str, tuple[str, set[str] | None, tuple | None]] = {}
         self._extra_fields: dict[str, str] = {}
         self._read_options(targets, extra_data)
 
@@ -490,7 +497,12 @@ class ZipDataset(FileDataset):
             and first.samples.names == ["system"]
             and len(first.components) == 0
         )
-        self._fields[name] = (parsed.key, keep, first.properties if simple else None)
+        properties = (
+            tuple(first.properties.names),
+            tuple(map(tuple, first.properties.values.tolist())),
+        )
+        # plain values, not Labels: the dataset is pickled for spawned workers
+        self._fields[name] = (parsed.key, keep, properties if simple else None)
         self.target_options[name] = parsed.resolved(self.path, per_atom, n_properties, on)
 
     # -- reading ---------------------------------------------------------------------
@@ -542,7 +554,7 @@ class ZipDataset(FileDataset):
         field: str,
         keep: set[str] | None,
         n_atoms: int,
-        properties: Labels | None = None,
+        properties: tuple | None = None,
     ) -> TensorMap:
         what = f"dataset zip '{self.path}': member '{self._member(entry, field)}'"
         data = self.index.read(entry, field)
@@ -554,7 +566,7 @@ class ZipDataset(FileDataset):
                     n_atoms,
                     "positions" in keep,
                     "strain" in keep,
-                    properties,
+                    _labels(*properties),
                     item_labels("positions", n_atoms),
                     shared_item_labels(),
                 )
