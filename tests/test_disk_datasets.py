@@ -243,6 +243,44 @@ def test_subset_views_and_batches(files):
         view[2]
 
 
+def test_datamodule_summary_atom_batches_and_neighbor_lists(files):
+    from metatomic.torch import NeighborListOptions
+
+    from pl_mtt.data import AtomisticDataModule
+
+    for kind in ("zip", "dir"):
+        module = AtomisticDataModule(
+            dataset=None,
+            path=str(files[kind]),
+            targets=TARGETS,
+            extra_data=DISK_EXTRA,
+            val_fraction=0.2,
+            test_fraction=0.2,
+            max_atoms_per_batch=40,
+        )
+        module.setup()
+        summary = module.summary()
+        assert f"data: 9 structures in '{files[kind]}'" in summary
+        source = "forces.bin" if kind == "dir" else "energy.mts positions gradient"
+        assert f"forces: key '{source}'" in summary
+        if kind == "dir":
+            counted = sum(module.report.elements["train"].values())
+            assert counted == int(module.train_dataset.atom_counts().sum())
+        else:
+            assert "elements per split are not counted for a zip" in summary
+        assert module.atomic_types == [29, 79]
+        seen = []
+        for systems, targets, _ in module.train_dataloader():
+            assert sum(len(system) for system in systems) <= 40
+            seen.append(len(systems))
+        assert sum(seen) == len(module.train_dataset)
+        options = NeighborListOptions(cutoff=3.0, full_list=True, strict=True)
+        module.request_neighbor_lists([options])
+        system = module.val_dataset[0][0]
+        assert len(system.known_neighbor_lists()) == 1
+        assert len(module.full_dataset[0][0].known_neighbor_lists()) == 0  # views copy
+
+
 def test_datasets_go_to_worker_processes(files):
     import pickle
     from multiprocessing.reduction import ForkingPickler

@@ -9,6 +9,8 @@
     )
     dataset.target_options   # resolved options -> expand_loss_config / LossModule
     dataset.layouts()        # zero-sample TensorMaps -> Scaler(atomic_types, layouts)
+    dataset.atom_counts()    # atoms per structure -> AtomBatchSampler
+    dataset.request_neighbor_lists(requested_neighbor_lists(model))  # once per structure
     system, targets, extra_data = dataset[0]
 """
 
@@ -18,16 +20,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from metatensor.torch import TensorMap
-from metatomic.torch import System
+from metatomic.torch import NeighborListOptions, System
 
 from pl_mtt.config import to_plain
 from pl_mtt.data.extra_data import read_extra_data
 from pl_mtt.data.layout import zero_sample_layout
 from pl_mtt.data.systems import read_atoms, systems_from_atoms
 from pl_mtt.data.targets import read_targets
+from pl_mtt.tensormaps.neighbors import attach_neighbor_lists
 
 __all__ = ["AtomisticDataset"]
 
@@ -41,6 +43,10 @@ class AtomisticDataset(torch.utils.data.Dataset):
         extra_data: name -> one TensorMap per structure (e.g. ``<target>_mask``).
         target_options: name -> resolved target options (see
             :func:`pl_mtt.data.read_targets`); empty options if not given.
+        neighbor_lists: neighbour lists to attach to each structure when it is first
+            loaded (see :meth:`request_neighbor_lists`).
+        target_sources: name -> ``{"forces"|"stress"|"virial": (key, file)}`` of the
+            gradients read from files (for the start-up summary).
     """
 
     def __init__(
@@ -49,12 +55,17 @@ class AtomisticDataset(torch.utils.data.Dataset):
         targets: Mapping[str, Sequence[TensorMap]],
         extra_data: Mapping[str, Sequence[TensorMap]] | None = None,
         target_options: Mapping[str, Mapping[str, Any]] | None = None,
+        neighbor_lists: Sequence[NeighborListOptions] = (),
+        target_sources: Mapping[str, Mapping[str, tuple[str, str]]] | None = None,
     ) -> None:
         self.systems = list(systems)
         self.targets = {name: list(values) for name, values in targets.items()}
         self.extra_data = {name: list(values) for name, values in (extra_data or {}).items()}
         self.target_options = {
             name: dict((target_options or {}).get(name, {})) for name in self.targets
+        }
+        self.target_sources = {
+            name: dict((target_sources or {}).get(name, {})) for name in self.targets
         }
         for kind, entries in (("target", self.targets), ("extra_data", self.extra_data)):
             for name, values in entries.items():
@@ -63,8 +74,22 @@ class AtomisticDataset(torch.utils.data.Dataset):
                         f"{kind} '{name}' has {len(values)} entries for "
                         f"{len(self.systems)} structures"
                     )
-        self._atom_counts: np.ndarray | None = None
         self._check_masks()
+        self._atom_counts: torch.Tensor | None = None
+        self.neighbor_lists: list[NeighborListOptions] = []
+        self._with_lists: set[int] = set()  # structures that carry every requested list
+        self.request_neighbor_lists(neighbor_lists)
+
+    def request_neighbor_lists(self, options: Sequence[NeighborListOptions]) -> None:
+        """Attach these neighbour lists (``metatomic.torch.NeighborListOptions``, e.g.
+        :func:`pl_mtt.data.requested_neighbor_lists` of a model) to every structure the
+        first time it is loaded: each is computed once per structure and kept for every
+        later epoch (the systems handed to the model carry them). Adds to earlier
+        requests; an empty list changes nothing."""
+        new = [item for item in options if not any(item == have for have in self.neighbor_lists)]
+        if new:
+            self.neighbor_lists.extend(new)
+            self._with_lists.clear()
 
     @classmethod
     def from_file(
@@ -78,37 +103,46 @@ class AtomisticDataset(torch.utils.data.Dataset):
         ``.mts`` files. Energy-like targets get forces/stress when the file has them."""
         frames = read_atoms(path)
         systems = systems_from_atoms(frames, dtype)
-        tensors, resolved = read_targets(path, targets, frames=frames, dtype=dtype)
+        sources: dict[str, dict[str, tuple[str, str]]] = {}
+        tensors, resolved = read_targets(path, targets, frames=frames, dtype=dtype, sources=sources)
         extra = {
             name: read_extra_data(name, options, len(systems), dtype)
             for name, options in (to_plain(extra_data) or {}).items()
         }
-        return cls(systems, tensors, extra, resolved)
+        return cls(systems, tensors, extra, resolved, target_sources=sources)
 
     def __len__(self) -> int:
         return len(self.systems)
 
     def __getitem__(self, index: int) -> tuple[System, dict[str, TensorMap], dict[str, TensorMap]]:
+        system = self.systems[index]
+        if self.neighbor_lists and index not in self._with_lists:
+            attach_neighbor_lists([system], self.neighbor_lists)
+            self._with_lists.add(index)
         return (
-            self.systems[index],
+            system,
             {name: values[index] for name, values in self.targets.items()},
             {name: values[index] for name, values in self.extra_data.items()},
         )
 
     def subset(self, indices: Sequence[int]) -> AtomisticDataset:
-        """A new dataset with the structures at ``indices`` (same options)."""
+        """A new dataset with the structures at ``indices`` (same options and neighbour
+        lists; the system objects are shared, so are lists already attached)."""
         indices = [int(i) for i in indices]
         return AtomisticDataset(
             [self.systems[i] for i in indices],
             {name: [values[i] for i in indices] for name, values in self.targets.items()},
             {name: [values[i] for i in indices] for name, values in self.extra_data.items()},
             self.target_options,
+            self.neighbor_lists,
+            target_sources=self.target_sources,
         )
 
-    def atom_counts(self) -> np.ndarray:
-        """Atoms per structure (int64), as the disk datasets give them."""
+    def atom_counts(self) -> torch.Tensor:
+        """Atoms per structure (1-D int64), read without building batches: the interface
+        samplers bounded by atom count use (:class:`pl_mtt.data.AtomBatchSampler`)."""
         if self._atom_counts is None:
-            self._atom_counts = np.array([len(s) for s in self.systems], dtype=np.int64)
+            self._atom_counts = torch.tensor([len(s) for s in self.systems], dtype=torch.int64)
         return self._atom_counts
 
     @property

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 from metatensor.torch import TensorMap
-from metatomic.torch import System
+from metatomic.torch import NeighborListOptions, System
 
 from pl_mtt.config import to_plain
 from pl_mtt.data.disk_options import (
@@ -30,6 +30,7 @@ from pl_mtt.data.disk_options import (
 )
 from pl_mtt.data.extra_data import read_extra_data
 from pl_mtt.data.layout import zero_sample_layout
+from pl_mtt.tensormaps.neighbors import attach_neighbor_lists
 
 __all__ = ["FileDataset", "OpenFiles"]
 
@@ -87,6 +88,9 @@ class FileDataset(torch.utils.data.Dataset):
         self.dtype = dtype
         self.files = OpenFiles()
         self.target_options: dict[str, dict[str, Any]] = {}
+        # name -> {"forces"|"stress"|"virial": (key, file)}: what the start-up summary shows
+        self.target_sources: dict[str, dict[str, tuple[str, str]]] = {}
+        self.neighbor_lists: list[NeighborListOptions] = []
         self._entries: np.ndarray | None = None  # None: every entry, in file order
         self._external: dict[str, list[TensorMap]] = {}  # extra data from .mts files
         self._atomic_types: list[int] | None = None
@@ -148,7 +152,17 @@ class FileDataset(torch.utils.data.Dataset):
         system, targets, extra = self.read_entry(entry)
         for name, values in self._external.items():
             extra[name] = values[entry]
+        if self.neighbor_lists:  # nothing stays in memory: computed at every read
+            attach_neighbor_lists([system], self.neighbor_lists)
         return system, targets, extra
+
+    def request_neighbor_lists(self, options: Sequence[NeighborListOptions]) -> None:
+        """Attach these neighbour lists to every structure when it is read (as
+        :meth:`pl_mtt.data.AtomisticDataset.request_neighbor_lists`, but computed at every
+        read: the structures are not kept). Adds to earlier requests."""
+        for item in options:
+            if not any(item == have for have in self.neighbor_lists):
+                self.neighbor_lists.append(item)
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> FileDataset:
         """A view of the structures at ``indices`` (sharing the file index)."""
@@ -159,12 +173,29 @@ class FileDataset(torch.utils.data.Dataset):
         view = copy.copy(self)
         view._entries = indices if self._entries is None else self._entries[indices]
         view._atomic_types = None
+        view.neighbor_lists = list(self.neighbor_lists)
         return view
 
-    def atom_counts(self) -> np.ndarray:
-        """Atoms per structure of this dataset (int64), read from the file's index."""
+    def atom_counts(self) -> torch.Tensor:
+        """Atoms per structure of this dataset (1-D int64), from the file's index without
+        reading structures (what :class:`pl_mtt.data.AtomBatchSampler` uses)."""
         counts = self.all_atom_counts()
-        return counts if self._entries is None else counts[self._entries]
+        return torch.from_numpy(counts if self._entries is None else counts[self._entries])
+
+    def entries(self) -> np.ndarray:
+        """The file entries of this dataset's items, in order."""
+        return np.arange(self.n_entries()) if self._entries is None else self._entries
+
+    def split_elements(
+        self, split: Mapping[str, Sequence[int]]
+    ) -> tuple[dict[str, dict[int, int]], dict[str, dict[int, int]]] | None:
+        """Per split (indices into this dataset): atoms and structures per atomic number,
+        for the start-up summary; None when counting would read every structure."""
+        return None
+
+    def non_periodic_count(self) -> int | None:
+        """Structures without a fully periodic cell; None when unknown without a pass."""
+        return None
 
     @property
     def atomic_types(self) -> list[int]:

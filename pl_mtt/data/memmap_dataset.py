@@ -46,12 +46,14 @@ from pl_mtt.data.disk_options import DiskExtraOptions, DiskTargetOptions
 from pl_mtt.data.file_dataset import FileDataset
 from pl_mtt.data.layout import property_labels, structure_tensor_map
 from pl_mtt.data.targets import gradient_source
+from pl_mtt.tensormaps.batch_atoms import MAX_ATOMIC_NUMBER
 
 __all__ = ["MemmapDataset", "MemmapDatasetWriter"]
 
 _F32 = np.dtype("<f4")
 _I32 = np.dtype("<i4")
 _TYPES_CHUNK = 1 << 22  # atoms per read when listing atomic types
+_SPLIT_CHUNK = 1 << 20  # atoms per read when counting elements per split
 
 
 class _Column:
@@ -232,6 +234,11 @@ class MemmapDataset(FileDataset):
             gradients[option] = _Column(self._file(f"{key}.bin"), per_atom, shape)
         self._targets[name] = (column, parsed.energy_like, gradients)
         self.target_options[name] = parsed.resolved(self.path, column.per_atom, n_properties, on)
+        self.target_sources[name] = {
+            option: (f"{parsed.gradients[option][1]}.bin", self.path)
+            for option, active in on.items()
+            if active
+        }
 
     # -- reading ---------------------------------------------------------------------
     def _rows(self, column: _Column, entry: int, dtype: np.dtype = _F32) -> np.ndarray:
@@ -315,6 +322,54 @@ class MemmapDataset(FileDataset):
 
     def all_atom_counts(self) -> np.ndarray:
         return np.diff(self.na)
+
+    def split_elements(self, split):
+        """Atoms and structures per atomic number and split, from ``a.bin`` read in chunks
+        of whole structures (memory bounded, no structure built)."""
+        stage_of = np.full(self.n_structures, -1, dtype=np.int64)
+        stages = list(split)
+        entries = self.entries()
+        for index, stage in enumerate(stages):
+            stage_of[entries[np.asarray(list(split[stage]), dtype=np.int64)]] = index
+        n_types = MAX_ATOMIC_NUMBER + 1
+        atoms = np.zeros(len(stages) * n_types, dtype=np.int64)
+        structures = np.zeros(len(stages) * n_types, dtype=np.int64)
+        path = str(self._file("a.bin"))
+        first = 0
+        while first < self.n_structures:
+            limit = self.na[first] + _SPLIT_CHUNK
+            last = int(np.searchsorted(self.na, limit, side="right")) - 1
+            last = min(max(last, first + 1), self.n_structures)
+            start, stop = int(self.na[first]), int(self.na[last])
+            types = np.frombuffer(self.files.read(path, 4 * start, 4 * (stop - start)), _I32)
+            owner = np.repeat(np.arange(first, last), np.diff(self.na[first : last + 1]))
+            stage = stage_of[owner]
+            keep = stage >= 0
+            atoms += np.bincount(stage[keep] * n_types + types[keep], minlength=len(atoms))
+            pairs = np.unique(owner[keep] * n_types + types[keep])
+            pair_stage = stage_of[pairs // n_types]
+            structures += np.bincount(
+                pair_stage * n_types + pairs % n_types, minlength=len(structures)
+            )
+            first = last
+        atoms, structures = atoms.reshape(-1, n_types), structures.reshape(-1, n_types)
+        elements = {
+            stage: {int(z): int(atoms[i, z]) for z in np.nonzero(atoms[i])[0]}
+            for i, stage in enumerate(stages)
+        }
+        element_structures = {
+            stage: {int(z): int(structures[i, z]) for z in np.nonzero(structures[i])[0]}
+            for i, stage in enumerate(stages)
+        }
+        return elements, element_structures
+
+    def non_periodic_count(self) -> int:
+        if not self.has_cell:
+            return len(self)
+        cells = np.frombuffer(
+            self.files.read(str(self._file("c.bin")), 0, 36 * self.n_structures), _F32
+        ).reshape(-1, 3, 3)[self.entries()]
+        return int((~(cells != 0).any(axis=2).all(axis=1)).sum())
 
     def entry_types(self, entries: np.ndarray | None) -> list[int]:
         path = str(self._file("a.bin"))

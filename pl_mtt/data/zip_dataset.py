@@ -504,6 +504,15 @@ class ZipDataset(FileDataset):
         # plain values, not Labels: the dataset is pickled for spawned workers
         self._fields[name] = (parsed.key, keep, properties if simple else None)
         self.target_options[name] = parsed.resolved(self.path, per_atom, n_properties, on)
+        self.target_sources[name] = {
+            option: (f"{parsed.key}.mts {gradient} gradient", self.path)
+            for option, gradient in (
+                ("forces", "positions"),
+                ("stress", "strain"),
+                ("virial", "strain"),
+            )
+            if on.get(option)
+        }
 
     # -- reading ---------------------------------------------------------------------
     def _member(self, entry: int, field: str) -> str:
