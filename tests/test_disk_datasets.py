@@ -270,7 +270,7 @@ def test_datamodule_summary_atom_batches_and_neighbor_lists(files):
             assert "elements per split are not counted for a zip" in summary
         assert module.atomic_types == [29, 79]
         seen = []
-        for systems, targets, _ in module.train_dataloader():
+        for systems, _, _ in module.train_dataloader():
             assert sum(len(system) for system in systems) <= 40
             seen.append(len(systems))
         assert sum(seen) == len(module.train_dataset)
