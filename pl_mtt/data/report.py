@@ -154,6 +154,78 @@ def _target_report(
     return report
 
 
+def _counted_in_memory(
+    dataset: Any, split: Mapping[str, Sequence[int]], targets: Mapping[str, TargetReport]
+) -> dict[str, Any]:
+    """NaN entries, elements per split and cells of a dataset held in memory."""
+    systems = dataset.systems
+    periodic = torch.tensor([bool(system.pbc.all()) for system in systems])
+    nan: list[NanEntries] = []
+    has_strain = False
+    for name, values in dataset.targets.items():
+        options = dataset.target_options.get(name, {})
+        n_nan, n_total = _nan_counts(values, None)
+        nan.append(NanEntries(f"target '{name}'", 0, int(n_total.sum()), []))
+        entries = [(nan[-1], n_nan)]
+        for gradient in values[0].block_by_id(0).gradients_list() if values else []:
+            alias = gradient_alias(name, options, gradient)
+            key = targets[name].gradients.get(alias)
+            label = f"target '{name}' {alias}" + (f" (key '{key}')" if key else "")
+            n_nan, n_total = _nan_counts(values, gradient)
+            if gradient == "strain":  # NaN by construction without a cell
+                has_strain = True
+                n_nan, n_total = n_nan * periodic, n_total * periodic
+            nan.append(NanEntries(label, 0, int(n_total.sum()), []))
+            entries.append((nan[-1], n_nan))
+        for entry, counts in entries:
+            entry.n_values = int(counts.sum())
+            entry.structures = torch.nonzero(counts).reshape(-1).tolist()
+    elements, element_structures = {}, {}
+    for stage in [stage for stage in SPLITS if stage in split]:
+        indices = list(split[stage])
+        types = [systems[i].types.to(torch.long) for i in indices]
+        atoms = torch.bincount(torch.cat(types)) if types else torch.zeros(0, dtype=int)
+        present = [torch.bincount(t.unique(), minlength=len(atoms)) for t in types]
+        structures = torch.stack(present).sum(0) if present else atoms
+        elements[stage] = {z: int(atoms[z]) for z in torch.nonzero(atoms).reshape(-1).tolist()}
+        element_structures[stage] = {z: int(structures[z]) for z in elements[stage]}
+    return {
+        "elements": elements,
+        "element_structures": element_structures,
+        "nan": [entry for entry in nan if entry.n_values],
+        "non_periodic": int((~periodic).sum()),
+        "has_strain": has_strain,
+    }
+
+
+def _counted_on_disk(dataset: Any, split: Mapping[str, Sequence[int]]) -> dict[str, Any]:
+    """What a dataset read on access (:class:`pl_mtt.data.FileDataset`) tells without
+    reading every structure: elements per split and cells where its index allows (a
+    memmap directory). NaN entries are not counted up front (they are still left out)."""
+    notes = [
+        "NaN target entries are not counted for a dataset read on access (they are "
+        "left out of the loss and of the scale fit as usual)"
+    ]
+    counted = dataset.split_elements(split)
+    if counted is None:
+        counted = ({}, {})
+        notes.append(
+            "elements per split are not counted for a zip (that would read every "
+            "structure; open_dataset(...).atomic_types lists them)"
+        )
+    return {
+        "elements": counted[0],
+        "element_structures": counted[1],
+        "nan": [],
+        "non_periodic": dataset.non_periodic_count() or 0,
+        "has_strain": any(
+            options.get("stress") or options.get("virial")
+            for options in dataset.target_options.values()
+        ),
+        "notes": notes,
+    }
+
+
 @dataclass
 class DataReport:
     """What was read and how it was split (:meth:`text`), and what deserves a warning
@@ -188,17 +260,6 @@ class DataReport:
         """Report on ``dataset`` (all structures used, in file order) and its ``split``
         (split name -> indices into ``dataset``; only the splits given are reported,
         e.g. ``{"test": range(n)}`` for an evaluation)."""
-        if not hasattr(dataset, "systems"):  # read on access (a zip or a directory)
-            return cls._from_file_dataset(
-                dataset,
-                split,
-                files=files,
-                n_available=n_available,
-                limit=limit,
-                split_seed=split_seed,
-                configured_targets=configured_targets,
-            )
-        systems = dataset.systems
         files = [str(f) for f in files]
         sources = getattr(dataset, "target_sources", {}) or {}
         configured = configured_targets or {}
@@ -208,93 +269,10 @@ class DataReport:
             )
             for name, options in dataset.target_options.items()
         }
-        periodic = torch.tensor([bool(system.pbc.all()) for system in systems])
-        nan: list[NanEntries] = []
-        has_strain = False
-        for name, values in dataset.targets.items():
-            options = dataset.target_options.get(name, {})
-            n_nan, n_total = _nan_counts(values, None)
-            nan.append(NanEntries(f"target '{name}'", 0, int(n_total.sum()), []))
-            entries = [(nan[-1], n_nan)]
-            for gradient in values[0].block_by_id(0).gradients_list() if values else []:
-                alias = gradient_alias(name, options, gradient)
-                key = targets[name].gradients.get(alias)
-                label = f"target '{name}' {alias}" + (f" (key '{key}')" if key else "")
-                n_nan, n_total = _nan_counts(values, gradient)
-                if gradient == "strain":  # NaN by construction without a cell
-                    has_strain = True
-                    n_nan, n_total = n_nan * periodic, n_total * periodic
-                nan.append(NanEntries(label, 0, int(n_total.sum()), []))
-                entries.append((nan[-1], n_nan))
-            for entry, counts in entries:
-                entry.n_values = int(counts.sum())
-                entry.structures = torch.nonzero(counts).reshape(-1).tolist()
-        elements, element_structures = {}, {}
-        for stage in [stage for stage in SPLITS if stage in split]:
-            indices = list(split[stage])
-            types = [systems[i].types.to(torch.long) for i in indices]
-            atoms = torch.bincount(torch.cat(types)) if types else torch.zeros(0, dtype=int)
-            present = [torch.bincount(t.unique(), minlength=len(atoms)) for t in types]
-            structures = torch.stack(present).sum(0) if present else atoms
-            elements[stage] = {z: int(atoms[z]) for z in torch.nonzero(atoms).reshape(-1).tolist()}
-            element_structures[stage] = {z: int(structures[z]) for z in elements[stage]}
-        return cls(
-            files=files,
-            n_available=len(systems) if n_available is None else int(n_available),
-            n_used=len(systems),
-            limit=limit,
-            split_seed=int(split_seed),
-            split_sizes={stage: len(split[stage]) for stage in SPLITS if stage in split},
-            elements=elements,
-            element_structures=element_structures,
-            targets=targets,
-            nan=[entry for entry in nan if entry.n_values],
-            non_periodic=int((~periodic).sum()),
-            has_strain=has_strain,
-        )
-
-    @classmethod
-    def _from_file_dataset(
-        cls,
-        dataset: Any,
-        split: Mapping[str, Sequence[int]],
-        *,
-        files: Sequence[str],
-        n_available: int | None,
-        limit: str | None,
-        split_seed: int,
-        configured_targets: Mapping[str, Any] | None,
-    ) -> DataReport:
-        """What a dataset read on access tells without reading every structure: its
-        targets and, where its index allows (a memmap directory), elements per split and
-        cells. NaN entries are not counted up front (they are still left out)."""
-        files = [str(f) for f in files]
-        configured = configured_targets or {}
-        sources = getattr(dataset, "target_sources", {}) or {}
-        targets = {
-            name: _target_report(
-                name, options, sources.get(name, {}), configured.get(name), files[0]
-            )
-            for name, options in dataset.target_options.items()
-        }
-        notes = [
-            "NaN target entries are not counted for a dataset read on access (they are "
-            "left out of the loss and of the scale fit as usual)"
-        ]
-        counted = dataset.split_elements(split)
-        if counted is None:
-            elements, element_structures = {}, {}
-            notes.append(
-                "elements per split are not counted for a zip (that would read every "
-                "structure; open_dataset(...).atomic_types lists them)"
-            )
-        else:
-            elements, element_structures = counted
-        non_periodic = dataset.non_periodic_count()
-        has_strain = any(
-            options.get("stress") or options.get("virial")
-            for options in dataset.target_options.values()
-        )
+        if hasattr(dataset, "systems"):
+            counted = _counted_in_memory(dataset, split, targets)
+        else:  # read on access (a zip or a directory): what its index tells
+            counted = _counted_on_disk(dataset, split)
         return cls(
             files=files,
             n_available=len(dataset) if n_available is None else int(n_available),
@@ -302,13 +280,8 @@ class DataReport:
             limit=limit,
             split_seed=int(split_seed),
             split_sizes={stage: len(split[stage]) for stage in SPLITS if stage in split},
-            elements=elements,
-            element_structures=element_structures,
             targets=targets,
-            nan=[],
-            non_periodic=non_periodic or 0,
-            has_strain=has_strain,
-            notes=notes,
+            **counted,
         )
 
     @property
