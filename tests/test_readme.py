@@ -49,8 +49,9 @@ def app_commands() -> list[list[str]]:
     for block in blocks("bash")[2:]:
         for line in block.splitlines():
             line = line.split("#", 1)[0].strip()
-            if line.startswith("python -m pl_mtt.train"):
-                commands.append(shlex.split(line)[3:])
+            words = shlex.split(line)
+            if words[:3] == ["python", "-m", "pl_mtt.train"]:
+                commands.append(words[3:])
     return commands
 
 

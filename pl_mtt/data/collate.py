@@ -5,16 +5,19 @@ Each item is ``(system, {name: TensorMap}, {name: TensorMap})`` with sample colu
 sample arrays are concatenated with tensor operations, the ``system`` column becomes
 the position in the batch (0..B-1) and gradient ``sample`` columns are shifted by the
 number of value rows before them. There is no loop over atoms, only over the structures
-of the batch to gather their tensors.
+of the batch to gather their tensors, all in one TorchScript call per TensorMap.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Optional
 
 import torch
 from metatensor.torch import Labels, TensorBlock, TensorMap
 from metatomic.torch import System
+
+from pl_mtt.tensormaps.block_ops import lazy_script
 
 __all__ = ["batch_to", "collate", "join_structures"]
 
@@ -23,15 +26,18 @@ Batch = tuple[list[System], dict[str, TensorMap], dict[str, TensorMap]]
 
 
 def _join_samples(
-    names: list[str], parts: Sequence[torch.Tensor], row_offsets: torch.Tensor | None
+    names: list[str],
+    parts: list[torch.Tensor],
+    row_offsets: Optional[torch.Tensor],  # noqa: UP045
 ) -> Labels:
     """Concatenate sample arrays; ``system`` -> batch position, ``sample`` += offset."""
     values = torch.cat(parts)
     # position in the batch of every row (small per-structure fills: torch's
     # repeat_interleave wakes its thread pool, which costs milliseconds on a busy CPU)
-    batch_index = torch.cat(
-        [torch.full((len(part),), i, dtype=torch.int64) for i, part in enumerate(parts)]
-    )
+    fills: list[torch.Tensor] = []
+    for i, part in enumerate(parts):
+        fills.append(torch.full([part.shape[0]], i, dtype=torch.int64))
+    batch_index = torch.cat(fills)
     if "system" in names:
         values[:, names.index("system")] = batch_index.to(values.dtype)
     if row_offsets is not None:
@@ -39,48 +45,68 @@ def _join_samples(
     return Labels(names, values, assume_unique=True)
 
 
-def _join_blocks(blocks: Sequence[TensorBlock], what: str) -> TensorBlock:
-    # each metadata access on a TensorBlock costs a TorchScript call: read every
-    # structure's tensors once, take names, components and properties from the first
+def _join_blocks(blocks: list[TensorBlock]) -> tuple[Optional[TensorBlock], str]:  # noqa: UP045
+    """The blocks of one key joined, or ``(None, what is wrong)``."""
     first = blocks[0]
     gradient_names = first.gradients_list()
-    values, samples = [], []
-    gradients: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {
-        name: ([], []) for name in gradient_names
-    }
+    values: list[torch.Tensor] = []
+    samples: list[torch.Tensor] = []
+    gradient_values: dict[str, list[torch.Tensor]] = {}
+    gradient_samples: dict[str, list[torch.Tensor]] = {}
+    for name in gradient_names:
+        gradient_values[name] = []
+        gradient_samples[name] = []
     for index, block in enumerate(blocks):
         values.append(block.values)
         samples.append(block.samples.values)
+        present = block.gradients_list()
         for name in gradient_names:
-            try:
-                gradient = block.gradient(name)
-            except (RuntimeError, ValueError):
-                raise ValueError(
-                    f"{what}: structure {index} of the batch has no '{name}' gradient"
-                ) from None
-            gradients[name][0].append(gradient.values)
-            gradients[name][1].append(gradient.samples.values)
+            if name not in present:
+                return None, f"structure {index} of the batch has no '{name}' gradient"
+            gradient = block.gradient(name)
+            gradient_values[name].append(gradient.values)
+            gradient_samples[name].append(gradient.samples.values)
     joined = TensorBlock(
         torch.cat(values),
         _join_samples(first.samples.names, samples, None),
         first.components,
         first.properties,
     )
-    rows = torch.tensor([len(part) for part in values])
+    rows = torch.tensor([part.shape[0] for part in values])
     offsets = torch.cumsum(rows, 0) - rows
     for name in gradient_names:
         gradient = first.gradient(name)
-        g_values, g_samples = gradients[name]
         joined.add_gradient(
             name,
             TensorBlock(
-                torch.cat(g_values),
-                _join_samples(gradient.samples.names, g_samples, offsets),
+                torch.cat(gradient_values[name]),
+                _join_samples(gradient.samples.names, gradient_samples[name], offsets),
                 gradient.components,
                 gradient.properties,
             ),
         )
-    return joined
+    return joined, ""
+
+
+@lazy_script
+def _join_maps(tensor_maps: list[TensorMap]) -> tuple[Optional[TensorMap], str]:  # noqa: UP045
+    """One TorchScript call joins a batch (each metadata access from Python is a call)."""
+    keys = tensor_maps[0].keys
+    key_values = keys.values
+    for index, tensor_map in enumerate(tensor_maps):
+        other = tensor_map.keys.values
+        if other.shape != key_values.shape or not torch.equal(other, key_values):
+            return None, f"keys {index}"
+    blocks: list[TensorBlock] = []
+    for b in range(key_values.shape[0]):
+        parts: list[TensorBlock] = []
+        for tensor_map in tensor_maps:
+            parts.append(tensor_map.block_by_id(b))
+        joined, error = _join_blocks(parts)
+        if joined is None:
+            return None, error
+        blocks.append(joined)
+    return TensorMap(keys, blocks), ""
 
 
 def join_structures(tensor_maps: Sequence[TensorMap], what: str = "tensor") -> TensorMap:
@@ -91,20 +117,17 @@ def join_structures(tensor_maps: Sequence[TensorMap], what: str = "tensor") -> T
     """
     if len(tensor_maps) == 0:
         raise ValueError(f"{what}: cannot join an empty list of TensorMaps")
-    keys = tensor_maps[0].keys
-    key_values = keys.values
-    for index, tensor_map in enumerate(tensor_maps):
-        other = tensor_map.keys.values
-        if other.shape != key_values.shape or not torch.equal(other, key_values):
-            raise ValueError(
-                f"{what}: structure {index} of the batch has keys {other.tolist()}, "
-                f"structure 0 has {key_values.tolist()}"
+    joined, error = _join_maps(list(tensor_maps))
+    if joined is None:
+        if error.startswith("keys "):
+            index = int(error.split()[1])
+            error = (
+                f"structure {index} of the batch has keys "
+                f"{tensor_maps[index].keys.values.tolist()}, structure 0 has "
+                f"{tensor_maps[0].keys.values.tolist()}"
             )
-    blocks = [
-        _join_blocks([tensor_map.block_by_id(b) for tensor_map in tensor_maps], what)
-        for b in range(len(key_values))
-    ]
-    return TensorMap(keys, blocks)
+        raise ValueError(f"{what}: {error}")
+    return joined
 
 
 def collate(items: Sequence[Item]) -> Batch:

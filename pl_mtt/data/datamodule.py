@@ -4,7 +4,8 @@
 
     data:                      # the arguments of AtomisticDataModule
       dataset: emt             # embedded dataset (emt, dos), used when `path` is null
-      path: null               # any file ase.io.read understands (wins over `dataset`)
+      path: null               # a file ase.io.read understands, a metatrain DiskDataset
+                               # .zip or MemmapDataset directory (wins over `dataset`)
       n_structures: null       # how many: generated (embedded), or the first n of `path`
       targets:                 # spec form; empty -> the embedded dataset's targets
         energy: {quantity: energy, key: energy, forces: true, stress: true}
@@ -21,7 +22,9 @@ After :meth:`setup` (called by Lightning, or by hand before building the model):
 ``target_options`` (resolved: pass them to ``LossModule`` / ``expand_loss_config``),
 ``layouts()`` and ``atomic_types`` (for the ``Scaler``), ``train_dataset``,
 ``val_dataset``, ``test_dataset``, ``split`` (their indices in the file) and
-:meth:`summary` (what was read, printed by the app at start-up). Its
+:meth:`summary` (what was read, printed by the app at start-up). A ``.zip`` or a
+directory stays on disk (:func:`pl_mtt.data.open_dataset`): structures are read on
+access, in the loader's workers. Its
 ``transfer_batch_to_device`` hook moves batches to the model's device (a
 LightningModule's own hook, if any, takes precedence).
 
@@ -59,8 +62,10 @@ from pl_mtt.config import to_plain
 from pl_mtt.data.collate import batch_to, collate
 from pl_mtt.data.dataset import AtomisticDataset
 from pl_mtt.data.embedded import EmbeddedDataset, embedded_dataset
+from pl_mtt.data.file_dataset import FileDataset
 from pl_mtt.data.report import DataReport, DataWarning
 from pl_mtt.data.sampler import AtomBatchSampler, BatchedDataset, StridedShardSampler
+from pl_mtt.data.sources import open_dataset
 from pl_mtt.tensormaps.neighbors import requested_neighbor_lists
 
 __all__ = ["AtomisticDataModule", "split_indices"]
@@ -102,7 +107,8 @@ class AtomisticDataModule(lightning.LightningDataModule):
 
     Args:
         dataset: an embedded dataset name (``emt``, ``dos``), used when ``path`` is None.
-        path: a structure file (anything ``ase.io.read`` reads).
+        path: a structure file (anything ``ase.io.read`` reads), a metatrain
+            ``DiskDataset`` ``.zip`` or a ``MemmapDataset`` directory.
         n_structures: how many structures to use: the size of the embedded dataset
             (its default if None), or the first ``n_structures`` of ``path`` (all if
             None; more than the file has is an error).
@@ -159,12 +165,12 @@ class AtomisticDataModule(lightning.LightningDataModule):
         self.split_seed = int(split_seed)
         self.dtype = dtype
         self.embedded: EmbeddedDataset | None = None
-        self.train_dataset: AtomisticDataset | None = None
-        self.val_dataset: AtomisticDataset | None = None
-        self.test_dataset: AtomisticDataset | None = None
+        self.full_dataset: AtomisticDataset | FileDataset | None = None
+        self.train_dataset: AtomisticDataset | FileDataset | None = None
+        self.val_dataset: AtomisticDataset | FileDataset | None = None
+        self.test_dataset: AtomisticDataset | FileDataset | None = None
         self.split: dict[str, list[int]] = {}
         self.report: DataReport | None = None
-        self._atomic_types: list[int] = []
         self.neighbor_lists: list[NeighborListOptions] = []
 
     # -- loading --------------------------------------------------------------------
@@ -214,11 +220,11 @@ class AtomisticDataModule(lightning.LightningDataModule):
         if self.train_dataset is not None:
             return
         path, targets, extra = self._sources()
-        full = AtomisticDataset.from_file(path, targets, extra, dtype=self.dtype)
+        full = open_dataset(path, targets, extra, dtype=self.dtype)
         n_available = len(full)
         full = self._first_structures(full, path)
         full.request_neighbor_lists(self.neighbor_lists)
-        self._atomic_types = full.atomic_types
+        self.full_dataset = full
         train, val, test = split_indices(
             len(full), self.val_fraction, self.test_fraction, self.split_seed
         )
@@ -240,7 +246,9 @@ class AtomisticDataModule(lightning.LightningDataModule):
         for message in self.report.warnings():
             warnings.warn(message, DataWarning, stacklevel=2)
 
-    def _first_structures(self, full: AtomisticDataset, path: str) -> AtomisticDataset:
+    def _first_structures(
+        self, full: AtomisticDataset | FileDataset, path: str
+    ) -> AtomisticDataset | FileDataset:
         """The first ``n_structures`` of a user's file (embedded datasets are generated
         with that size already)."""
         if self.path is None or self.n_structures is None:
@@ -259,7 +267,7 @@ class AtomisticDataModule(lightning.LightningDataModule):
         self._loaded()
         return self.report.text()
 
-    def _loaded(self) -> AtomisticDataset:
+    def _loaded(self) -> AtomisticDataset | FileDataset:
         self._load()
         return self.train_dataset
 
@@ -271,9 +279,10 @@ class AtomisticDataModule(lightning.LightningDataModule):
 
     @property
     def atomic_types(self) -> list[int]:
-        """Atomic numbers present anywhere in the data (all splits), sorted."""
+        """Atomic numbers present anywhere in the data (all splits), sorted (for a zip,
+        computed on first use by reading the types of every structure)."""
         self._loaded()
-        return self._atomic_types
+        return self.full_dataset.atomic_types
 
     def layouts(self) -> dict[str, Any]:
         """Zero-sample TensorMaps describing each target (``Scaler`` layouts)."""
@@ -287,7 +296,7 @@ class AtomisticDataModule(lightning.LightningDataModule):
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     # -- loaders --------------------------------------------------------------------
-    def _loader(self, dataset: AtomisticDataset, **kwargs: Any) -> DataLoader:
+    def _loader(self, dataset: AtomisticDataset | FileDataset, **kwargs: Any) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -297,7 +306,7 @@ class AtomisticDataModule(lightning.LightningDataModule):
             **kwargs,
         )
 
-    def _atom_loader(self, dataset: AtomisticDataset, training: bool) -> DataLoader:
+    def _atom_loader(self, dataset: AtomisticDataset | FileDataset, training: bool) -> DataLoader:
         """Batches of at most ``max_atoms_per_batch`` atoms (the sampler yields them)."""
         sampler = AtomBatchSampler(
             dataset,
@@ -330,7 +339,7 @@ class AtomisticDataModule(lightning.LightningDataModule):
         generator = torch.Generator().manual_seed(self.split_seed)
         return self._loader(self._loaded(), shuffle=True, generator=generator)
 
-    def _evaluation_loader(self, dataset: AtomisticDataset) -> DataLoader:
+    def _evaluation_loader(self, dataset: AtomisticDataset | FileDataset) -> DataLoader:
         if self.max_atoms_per_batch is not None:
             return self._atom_loader(dataset, training=False)
         return self._loader(dataset, sampler=StridedShardSampler(dataset))
@@ -366,7 +375,10 @@ def _check_atom_bounds(max_atoms: Any, min_atoms: Any) -> None:
 
 
 def _check_structure_sizes(
-    dataset: AtomisticDataset, max_atoms: int, path: str, split: dict[str, list[int]]
+    dataset: AtomisticDataset | FileDataset,
+    max_atoms: int,
+    path: str,
+    split: dict[str, list[int]],
 ) -> None:
     """Every structure (all splits) fits in a batch of ``max_atoms`` atoms."""
     counts = dataset.atom_counts()

@@ -20,7 +20,9 @@
 
 :class:`DataReport` is built from any dataset with ``systems``, ``targets`` (name -> one
 TensorMap per structure), ``target_options`` and, optionally, ``target_sources``
-(name -> ``{"forces"|"stress"|"virial": (key, file)}``), so other readers can feed it.
+(name -> ``{"forces"|"stress"|"virial": (key, file)}``), so other readers can feed it;
+datasets read on access (:class:`pl_mtt.data.FileDataset`) report what their index
+tells without reading every structure.
 """
 
 from __future__ import annotations
@@ -152,6 +154,78 @@ def _target_report(
     return report
 
 
+def _counted_in_memory(
+    dataset: Any, split: Mapping[str, Sequence[int]], targets: Mapping[str, TargetReport]
+) -> dict[str, Any]:
+    """NaN entries, elements per split and cells of a dataset held in memory."""
+    systems = dataset.systems
+    periodic = torch.tensor([bool(system.pbc.all()) for system in systems])
+    nan: list[NanEntries] = []
+    has_strain = False
+    for name, values in dataset.targets.items():
+        options = dataset.target_options.get(name, {})
+        n_nan, n_total = _nan_counts(values, None)
+        nan.append(NanEntries(f"target '{name}'", 0, int(n_total.sum()), []))
+        entries = [(nan[-1], n_nan)]
+        for gradient in values[0].block_by_id(0).gradients_list() if values else []:
+            alias = gradient_alias(name, options, gradient)
+            key = targets[name].gradients.get(alias)
+            label = f"target '{name}' {alias}" + (f" (key '{key}')" if key else "")
+            n_nan, n_total = _nan_counts(values, gradient)
+            if gradient == "strain":  # NaN by construction without a cell
+                has_strain = True
+                n_nan, n_total = n_nan * periodic, n_total * periodic
+            nan.append(NanEntries(label, 0, int(n_total.sum()), []))
+            entries.append((nan[-1], n_nan))
+        for entry, counts in entries:
+            entry.n_values = int(counts.sum())
+            entry.structures = torch.nonzero(counts).reshape(-1).tolist()
+    elements, element_structures = {}, {}
+    for stage in [stage for stage in SPLITS if stage in split]:
+        indices = list(split[stage])
+        types = [systems[i].types.to(torch.long) for i in indices]
+        atoms = torch.bincount(torch.cat(types)) if types else torch.zeros(0, dtype=int)
+        present = [torch.bincount(t.unique(), minlength=len(atoms)) for t in types]
+        structures = torch.stack(present).sum(0) if present else atoms
+        elements[stage] = {z: int(atoms[z]) for z in torch.nonzero(atoms).reshape(-1).tolist()}
+        element_structures[stage] = {z: int(structures[z]) for z in elements[stage]}
+    return {
+        "elements": elements,
+        "element_structures": element_structures,
+        "nan": [entry for entry in nan if entry.n_values],
+        "non_periodic": int((~periodic).sum()),
+        "has_strain": has_strain,
+    }
+
+
+def _counted_on_disk(dataset: Any, split: Mapping[str, Sequence[int]]) -> dict[str, Any]:
+    """What a dataset read on access (:class:`pl_mtt.data.FileDataset`) tells without
+    reading every structure: elements per split and cells where its index allows (a
+    memmap directory). NaN entries are not counted up front (they are still left out)."""
+    notes = [
+        "NaN target entries are not counted for a dataset read on access (they are "
+        "left out of the loss and of the scale fit as usual)"
+    ]
+    counted = dataset.split_elements(split)
+    if counted is None:
+        counted = ({}, {})
+        notes.append(
+            "elements per split are not counted for a zip (that would read every "
+            "structure; open_dataset(...).atomic_types lists them)"
+        )
+    return {
+        "elements": counted[0],
+        "element_structures": counted[1],
+        "nan": [],
+        "non_periodic": dataset.non_periodic_count() or 0,
+        "has_strain": any(
+            options.get("stress") or options.get("virial")
+            for options in dataset.target_options.values()
+        ),
+        "notes": notes,
+    }
+
+
 @dataclass
 class DataReport:
     """What was read and how it was split (:meth:`text`), and what deserves a warning
@@ -169,6 +243,7 @@ class DataReport:
     nan: list[NanEntries]
     non_periodic: int  # structures without a full cell (no stress/virial)
     has_strain: bool
+    notes: list[str] = field(default_factory=list)  # what was not counted, and why
 
     @classmethod
     def from_dataset(
@@ -185,7 +260,6 @@ class DataReport:
         """Report on ``dataset`` (all structures used, in file order) and its ``split``
         (split name -> indices into ``dataset``; only the splits given are reported,
         e.g. ``{"test": range(n)}`` for an evaluation)."""
-        systems = dataset.systems
         files = [str(f) for f in files]
         sources = getattr(dataset, "target_sources", {}) or {}
         configured = configured_targets or {}
@@ -195,49 +269,19 @@ class DataReport:
             )
             for name, options in dataset.target_options.items()
         }
-        periodic = torch.tensor([bool(system.pbc.all()) for system in systems])
-        nan: list[NanEntries] = []
-        has_strain = False
-        for name, values in dataset.targets.items():
-            options = dataset.target_options.get(name, {})
-            n_nan, n_total = _nan_counts(values, None)
-            nan.append(NanEntries(f"target '{name}'", 0, int(n_total.sum()), []))
-            entries = [(nan[-1], n_nan)]
-            for gradient in values[0].block_by_id(0).gradients_list() if values else []:
-                alias = gradient_alias(name, options, gradient)
-                key = targets[name].gradients.get(alias)
-                label = f"target '{name}' {alias}" + (f" (key '{key}')" if key else "")
-                n_nan, n_total = _nan_counts(values, gradient)
-                if gradient == "strain":  # NaN by construction without a cell
-                    has_strain = True
-                    n_nan, n_total = n_nan * periodic, n_total * periodic
-                nan.append(NanEntries(label, 0, int(n_total.sum()), []))
-                entries.append((nan[-1], n_nan))
-            for entry, counts in entries:
-                entry.n_values = int(counts.sum())
-                entry.structures = torch.nonzero(counts).reshape(-1).tolist()
-        elements, element_structures = {}, {}
-        for stage in [stage for stage in SPLITS if stage in split]:
-            indices = list(split[stage])
-            types = [systems[i].types.to(torch.long) for i in indices]
-            atoms = torch.bincount(torch.cat(types)) if types else torch.zeros(0, dtype=int)
-            present = [torch.bincount(t.unique(), minlength=len(atoms)) for t in types]
-            structures = torch.stack(present).sum(0) if present else atoms
-            elements[stage] = {z: int(atoms[z]) for z in torch.nonzero(atoms).reshape(-1).tolist()}
-            element_structures[stage] = {z: int(structures[z]) for z in elements[stage]}
+        if hasattr(dataset, "systems"):
+            counted = _counted_in_memory(dataset, split, targets)
+        else:  # read on access (a zip or a directory): what its index tells
+            counted = _counted_on_disk(dataset, split)
         return cls(
             files=files,
-            n_available=len(systems) if n_available is None else int(n_available),
-            n_used=len(systems),
+            n_available=len(dataset) if n_available is None else int(n_available),
+            n_used=len(dataset),
             limit=limit,
             split_seed=int(split_seed),
             split_sizes={stage: len(split[stage]) for stage in SPLITS if stage in split},
-            elements=elements,
-            element_structures=element_structures,
             targets=targets,
-            nan=[entry for entry in nan if entry.n_values],
-            non_periodic=int((~periodic).sum()),
-            has_strain=has_strain,
+            **counted,
         )
 
     @property
@@ -267,6 +311,7 @@ class DataReport:
         for stage, counts in self.elements.items():
             listed = ", ".join(f"{_symbol(z)} {n}" for z, n in counts.items()) or "none"
             lines.append(f"  {stage}: {listed}")
+        lines += [f"  ({note})" for note in self.notes]
         return "\n".join(lines)
 
     def warnings(self) -> list[str]:

@@ -47,7 +47,7 @@ from pl_mtt.data.layout import property_labels, structure_tensor_map
 from pl_mtt.data.report import DataWarning
 from pl_mtt.data.systems import read_atoms
 
-__all__ = ["find_value", "read_targets", "resolve_target_options"]
+__all__ = ["find_value", "gradient_source", "read_targets", "resolve_target_options"]
 
 TARGET_OPTION_KEYS = (
     "quantity",
@@ -110,7 +110,7 @@ def _missing(target: str, what: str, key: str, index: int, path: str, atoms: ase
     )
 
 
-def _gradient_source(
+def gradient_source(
     target: str, option: str, value: Any, read_from: str
 ) -> tuple[bool | None, str, str]:
     """``(on, key, read_from)`` of ``forces``/``stress``/``virial`` (None: not given)."""
@@ -175,7 +175,7 @@ def resolve_target_options(
 
     sources: dict[str, tuple[str, str]] = {}
     given = {
-        opt: _gradient_source(name, opt, options.get(opt), read_from)
+        opt: gradient_source(name, opt, options.get(opt), read_from)
         for opt in ("forces", "stress", "virial")
     }
     if not energy_like:

@@ -417,33 +417,156 @@ class CompositionModel(OnePassState, torch.nn.Module):
 
     # -- fitting -------------------------------------------------------------------
     @torch.no_grad()
-    def fit(self) -> None:
-        """Solve for the weights from the accumulated sums (weights of unseen types: 0)."""
+    def fit(self, fixed_weights: Mapping[str, Any] | None = None) -> None:
+        """Solve for the weights from the accumulated sums (weights of unseen types: 0).
+
+        Args:
+            fixed_weights: target -> baseline weights used instead of fitted ones
+                (metatrain's ``atomic_baseline``): one number (every type and property),
+                a mapping atomic type -> number or list (one per property) fixing those
+                types while the others are fitted with them held, or a list of such
+                mappings, one per baselined block. The scales' residual sums follow the
+                baseline in effect (:meth:`sum_corrections`), fixed or fitted.
+
+        .. code-block:: yaml
+
+            fixed_weights:
+              energy: {1: -13.6, 8: -432.1}   # eV per atom of each type
+              mtt::charge: 0.0                 # no baseline
+        """
+        tables = self.fixed_weight_tables(fixed_weights)
         for name, info in self.targets.items():
             state = self.target_weights[self._index[name]]
             for b in self.blocks[name]:
                 sums, shift = self._sums[name][b], self._shift[name][b]
+                fixed = tables.get(name, {}).get(b)
                 if info.per_structure:
-                    weights = self._solve(sums["G"], sums["c"], shift)
+                    weights = self._solve(sums["G"], sums["c"], shift, fixed)
                 else:
                     seen = sums["count"] > 0
                     mean = sums["sum"] / sums["count"].clamp(min=1)
                     weights = torch.where(seen, shift + mean, torch.zeros_like(shift))
+                    if fixed is not None:
+                        mask, values = (t.to(weights.device) for t in fixed)
+                        weights = torch.where(mask[:, None], values, weights)
                 state.weights(b).copy_(weights)
         self.type_seen.copy_(self._type_count > 0)
         self.fitted.fill_(True)
 
-    def _solve(self, gram: torch.Tensor, rhs: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-        """Least squares in ``w = shift + delta``: ``[n_types, P]``, 0 for unseen types."""
+    def fixed_weight_tables(
+        self, fixed_weights: Mapping[str, Any] | None
+    ) -> dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+        """``fixed_weights`` (see :meth:`fit`) as ``{target: {block: (mask [n_rows],
+        values [n_rows, P])}}``; every mistake is a ValueError naming its path."""
+        result: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+        for name, value in dict(fixed_weights or {}).items():
+            path = f"fixed_weights.{name}"
+            info = self._target_info(name)
+            blocks = self.blocks[name]
+            if not blocks:
+                raise ValueError(
+                    f"{path}: target '{name}' has no baseline (excluded or not invariant)"
+                )
+            if isinstance(value, (list, tuple)):
+                if len(value) != len(blocks):
+                    raise ValueError(
+                        f"{path}: a list gives one mapping per baselined block ({len(blocks)}), "
+                        f"got {len(value)}"
+                    )
+                per_block = list(value)
+            else:
+                per_block = [value] * len(blocks)
+            result[name] = {}
+            for b, entry in zip(blocks, per_block, strict=True):
+                n_properties = info.blocks[b].n_properties
+                result[name][b] = self._fixed_table(entry, n_properties, f"{path}")
+        return result
+
+    def _fixed_table(
+        self, entry: Any, n_properties: int, path: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        n_rows = self.type_table.n_rows
+        mask = torch.zeros(n_rows, dtype=torch.bool)
+        values = torch.zeros(n_rows, n_properties, dtype=torch.float64)
+        if isinstance(entry, Mapping):
+            items = list(entry.items())
+        else:
+            items = [(t, entry) for t in self.type_table.types]
+        for atomic_type, weight in items:
+            try:
+                row = self.type_table.row_of(int(atomic_type))
+            except (TypeError, ValueError):
+                raise ValueError(f"{path}: {atomic_type!r} is not an atomic type") from None
+            if row >= n_rows:
+                raise ValueError(
+                    f"{path}: atomic type {atomic_type} is not among {self.type_table.types}"
+                )
+            numbers = weight if isinstance(weight, (list, tuple)) else [weight] * n_properties
+            if len(numbers) != n_properties:
+                raise ValueError(
+                    f"{path}.{atomic_type}: expected {n_properties} values (one per property), "
+                    f"got {len(numbers)}"
+                )
+            try:
+                values[row] = torch.tensor([float(v) for v in numbers], dtype=torch.float64)
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"{path}.{atomic_type}: expected numbers, got {weight!r}"
+                ) from None
+            if not bool(torch.isfinite(values[row]).all()):
+                raise ValueError(f"{path}.{atomic_type}: expected finite numbers, got {weight!r}")
+            mask[row] = True
+        return mask, values
+
+    def weight_tables(self, name: str) -> dict[int, torch.Tensor]:
+        """The fitted weights ``[n_rows, P]`` of each baselined block of ``name``."""
+        state = self.target_weights[self._index[self._target_info(name).name]]
+        return {b: state.weights(b) for b in self.blocks[name]}
+
+    def set_weights(
+        self, weights: Mapping[str, Mapping[int, torch.Tensor]], types_seen: torch.Tensor
+    ) -> None:
+        """Load fitted weights without a pass (e.g. from a statistics file): ``weights
+        [target][block]`` is ``[n_rows, P]`` for every baselined block, ``types_seen``
+        ``[n_rows]`` the types the weights are for."""
+        for name in self.targets:
+            state = self.target_weights[self._index[name]]
+            for b in self.blocks[name]:
+                if b not in weights.get(name, {}):
+                    raise ValueError(f"set_weights: no weights for target '{name}', block {b}")
+                state.weights(b).copy_(weights[name][b])
+        self.type_seen.copy_(types_seen)
+        self.fitted.fill_(True)
+
+    def _solve(
+        self,
+        gram: torch.Tensor,
+        rhs: torch.Tensor,
+        shift: torch.Tensor,
+        fixed: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Least squares in ``w = shift + delta``: ``[n_types, P]``, 0 for unseen types;
+        ``fixed`` rows (mask, values) are held at their values and the others fitted
+        with them (their contribution moved to the right-hand side)."""
         diagonal = torch.diagonal(gram, dim1=1, dim2=2)  # [P, n]
         seen = diagonal > 0
+        if fixed is not None:
+            mask, values = (t.to(gram.device) for t in fixed)
+            known = torch.where(mask[:, None], values - shift, torch.zeros_like(shift)).T
+            rhs = rhs - torch.einsum("puw,pw->pu", gram, known)
+            free = (~mask).to(gram.dtype)
+            gram = gram * free[None, :, None] * free[None, None, :]
+            seen = seen & ~mask[None, :]
         system = gram + torch.diag_embed((~seen).to(gram.dtype))  # unit ridge: unseen types
         right = torch.where(seen, rhs, torch.zeros_like(rhs))
         delta = torch.linalg.lstsq(
             system.cpu(), right.cpu()[:, :, None], rcond=self.rcond, driver="gelsd"
         ).solution[:, :, 0]
         delta = delta.to(shift.device)
-        return torch.where(seen.T, shift + delta.T, torch.zeros_like(shift))
+        weights = torch.where(seen.T, shift + delta.T, torch.zeros_like(shift))
+        if fixed is not None:
+            weights = torch.where(mask[:, None], values, weights)
+        return weights
 
     @torch.no_grad()
     def sum_corrections(self) -> dict[str, dict[int, torch.Tensor]]:

@@ -74,6 +74,7 @@ def fit_pass(
     composition: CompositionModel | None = None,
     *,
     fixed_scales: Mapping[str, Any] | None = None,
+    fixed_baseline: Mapping[str, Any] | None = None,
     unpack: Callable[[Any], Batch] | None = None,
     broadcast: Callable[[torch.Tensor], torch.Tensor] | None = None,
     all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -86,6 +87,7 @@ def fit_pass(
         scaler: an unfitted (or to be refitted) :class:`Scaler`; its sums are reset.
         composition: the baseline, built for the same targets; its sums are reset.
         fixed_scales: passed to :meth:`Scaler.fit`.
+        fixed_baseline: passed to :meth:`CompositionModel.fit` (``fixed_weights``).
         unpack: batch -> ``(systems, targets, extra_data)`` (default :func:`unpack_batch`).
             Targets the scaler does not know are ignored.
         broadcast: returns rank 0's tensor on every rank (the shift of the sums).
@@ -93,6 +95,8 @@ def fit_pass(
         progress: wraps the batch iterable (e.g. a progress bar).
     """
     unpack = unpack or unpack_batch
+    if fixed_baseline and composition is None:
+        raise ValueError("fit_pass: fixed_baseline needs a composition model")
     broadcast = broadcast or _identity
     all_reduce = all_reduce or _identity
     if composition is not None:
@@ -107,6 +111,7 @@ def fit_pass(
                 f"({sorted(composition.per_structure_targets)}) and the scaler "
                 f"({sorted(scaler.per_structure_targets)})"
             )
+        composition.fixed_weight_tables(fixed_baseline)  # mistakes fail before the pass
         composition.reset()
     scaler.reset_sums()
 
@@ -137,7 +142,7 @@ def fit_pass(
     scaler.load_flat_sums(flat[:n_scaler])
     if composition is not None:
         composition.load_flat_sums(flat[n_scaler:-1])
-        composition.fit()
+        composition.fit(fixed_baseline)
         scaler.add_to_sums(composition.sum_corrections())
     scaler.fit(fixed_scales)
     return FitSummary(local_structures, round(float(flat[-1])), local_batches)

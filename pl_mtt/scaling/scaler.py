@@ -285,6 +285,31 @@ class Scaler(OnePassState, torch.nn.Module):
         self.type_seen.copy_(self._type_count > 0)
         self.fitted.fill_(True)
 
+    @torch.no_grad()
+    def set_scales(
+        self,
+        per_target: Mapping[str, torch.Tensor],
+        per_property: Mapping[str, Sequence[torch.Tensor]],
+        types_seen: torch.Tensor,
+    ) -> None:
+        """Load scales without a pass (e.g. from a statistics file): ``per_target[name]``
+        is ``[rows]`` and ``per_property[name][b]`` ``[rows, P_b]`` (rows: one per row of
+        the type table for per-atom targets, else 1); ``types_seen`` ``[n_rows]``."""
+        for (name, info), state in zip(self.targets.items(), self.target_scales, strict=True):
+            if info.atom_pair:
+                continue
+            state.per_target.copy_(per_target[name])
+            for buffer, values in zip(state.per_property(), per_property[name], strict=True):
+                buffer.copy_(values)
+        self.type_seen.copy_(types_seen)
+        self.fitted.fill_(True)
+
+    def scale_tables(self, name: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The fitted ``per_target`` ``[rows]`` and per block ``per_property`` ``[rows, P_b]``
+        tables of target ``name`` (rows as in :meth:`set_scales`)."""
+        state = self.target_scales[self._index[self._target_info(name).name]]
+        return state.per_target, state.per_property()
+
     def _fixed(
         self, name: str, info: TargetInfo, value: object, fitted: torch.Tensor
     ) -> torch.Tensor:

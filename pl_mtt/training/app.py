@@ -45,7 +45,7 @@ from pl_mtt.config import (
     is_energy_like,
     restrict_loss_to_targets,
 )
-from pl_mtt.data import AtomisticDataModule, AtomisticDataset, DataReport, DataWarning, collate
+from pl_mtt.data import AtomisticDataModule, DataReport, DataWarning, collate, open_dataset
 from pl_mtt.interop.export import export_run_model
 from pl_mtt.registry import loss_type_names
 from pl_mtt.training.callbacks import ScalerCallback
@@ -201,13 +201,16 @@ def _datamodule(cfg: DictConfig) -> AtomisticDataModule:
     return AtomisticDataModule(**data)
 
 
-def _scaler_callback(cfg: DictConfig, dos_targets: list[str]) -> ScalerCallback:
+def _scaler_callback(cfg: DictConfig, dos_targets: list[str], run_dir: Path) -> ScalerCallback:
     scaler = OmegaConf.to_container(cfg.scaler, resolve=True)
     return ScalerCallback(
         per_structure_targets=scaler["per_structure_targets"],
         composition=scaler["composition"],
         no_composition=dos_targets,
         fixed_scales=scaler["fixed_scales"] or None,
+        fixed_baseline=scaler["fixed_baseline"] or None,
+        statistics=scaler["statistics"],
+        save_statistics=run_dir / "statistics.yaml" if scaler["save_statistics"] else None,
         refit=scaler["refit_on_resume"],
     )
 
@@ -355,7 +358,7 @@ def train(cfg: DictConfig, explicit_loss: Sequence[tuple[str, ...]] = ()) -> dic
     best, last = checkpoint_callbacks(run_dir, monitor)
     callbacks: list = [best, last]
     if cfg.scaler.scale_targets:
-        callbacks.append(_scaler_callback(cfg, list(task.dos_targets)))
+        callbacks.append(_scaler_callback(cfg, list(task.dos_targets), run_dir))
     if cfg.loss_schedule:
         callbacks.append(LossScheduleCallback(cfg.loss_schedule))
     trainer = _trainer(cfg, run_dir, callbacks)
@@ -382,7 +385,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         data = _datamodule(cfg)
         path, _, extra = data._sources()
         targets = configured_targets(cfg) or task.target_options
-        dataset = AtomisticDataset.from_file(path, targets, extra, dtype=data.dtype)
+        dataset = open_dataset(path, targets, extra, dtype=data.dtype)
     report = DataReport.from_dataset(
         dataset, {"test": range(len(dataset))}, files=[path], configured_targets=targets
     )

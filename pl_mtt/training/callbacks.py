@@ -10,7 +10,12 @@
     # Hydra: trainer.callbacks
     - _target_: pl_mtt.ScalerCallback
       per_structure_targets: [mtt::band_gap]   # intensive: not divided by atoms
-      fixed_scales: {energy: 1.0}
+      fixed_scales: {energy: 1.0}              # metatrain's fixed_scaling_weights
+      fixed_baseline: {energy: {1: -13.6}}     # metatrain's atomic_baseline
+      save_statistics: statistics.yaml         # written after the fit
+    # or, with no pass over the data at all:
+    - _target_: pl_mtt.ScalerCallback
+      statistics: statistics.yaml              # a file written by an earlier fit
 
 ``setup`` (before Lightning restores a checkpoint) creates the unfitted
 :class:`pl_mtt.Scaler` and :class:`pl_mtt.CompositionModel` as ``pl_module.scaler`` and
@@ -21,12 +26,15 @@ training set (rank ``r`` of ``W`` gets structures ``r, r+W, ...``, never padded)
 pass accumulates all sums (:func:`pl_mtt.scaling.fit.fit_pass`), the shift of the sums is
 broadcast from rank 0 and the sums are summed with ONE all_reduce; every rank then fits
 from the same numbers and ends with the same state. The scaler is handed to every
-:class:`pl_mtt.LossModule` found in the LightningModule.
+:class:`pl_mtt.LossModule` found in the LightningModule. With ``statistics`` (a file of
+:mod:`pl_mtt.scaling.statistics`) nothing is fitted: the file is loaded, and checked
+against the targets, their units and the atomic types of the training data.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -41,6 +49,13 @@ from pl_mtt.scaling.composition import CompositionModel
 from pl_mtt.scaling.fit import FitSummary, fit_pass
 from pl_mtt.scaling.fit import unpack_batch as default_unpack_batch
 from pl_mtt.scaling.scaler import Scaler
+from pl_mtt.scaling.statistics import (
+    fixed_baseline_from,
+    fixed_scales_from,
+    load_statistics,
+    read_statistics,
+    write_statistics,
+)
 from pl_mtt.scaling.target_info import is_tensor_map
 from pl_mtt.tensormaps.builders import zero_sample_layout
 
@@ -67,7 +82,16 @@ class ScalerCallback(pl.Callback):
         composition: fit a composition baseline (``False``: ``pl_module.composition``
             is ``None``).
         no_composition: targets without baseline (DOS targets are always excluded).
-        fixed_scales: target -> fixed per-target scale (see :meth:`pl_mtt.Scaler.fit`).
+        fixed_scales: target -> fixed per-target scale (a number, or per atomic type; see
+            :meth:`pl_mtt.Scaler.fit`), or the path of a statistics file whose per-target
+            scales are used (metatrain's ``fixed_scaling_weights``).
+        fixed_baseline: target -> fixed baseline per atom of each type (a number for
+            every type, or per type; types not listed are fitted), or the path of a
+            statistics file whose baseline is used (metatrain's ``atomic_baseline``;
+            see :meth:`pl_mtt.CompositionModel.fit`).
+        statistics: a statistics file (path or its parsed content) loaded instead of
+            any fit; mutually exclusive with ``fixed_scales`` and ``fixed_baseline``.
+        save_statistics: where to write the statistics after a fit (rank 0).
         refit: fit again even when the module's scaler is already fitted (e.g. restored
             from ``ckpt_path``).
         unpack_batch: batch -> ``(systems, targets, extra_data)`` for other batch
@@ -85,7 +109,10 @@ class ScalerCallback(pl.Callback):
         per_structure_targets: Sequence[str] = (),
         composition: bool = True,
         no_composition: Sequence[str] = (),
-        fixed_scales: Mapping[str, Any] | None = None,
+        fixed_scales: Mapping[str, Any] | str | Path | None = None,
+        fixed_baseline: Mapping[str, Any] | str | Path | None = None,
+        statistics: str | Path | Mapping[str, Any] | None = None,
+        save_statistics: str | Path | None = None,
         refit: bool = False,
         unpack_batch: Callable[[Any], tuple] | None = None,
         progress_bar: bool = True,
@@ -93,7 +120,15 @@ class ScalerCallback(pl.Callback):
         super().__init__()
         atomic_types, layouts, targets = to_plain(atomic_types), layouts, to_plain(targets)
         no_per_property_scales = to_plain(no_per_property_scales)
-        fixed_scales = to_plain(fixed_scales)
+        fixed_scales, fixed_baseline = to_plain(fixed_scales), to_plain(fixed_baseline)
+        statistics = to_plain(statistics)
+        if statistics and (fixed_scales or fixed_baseline):
+            raise ValueError(
+                "ScalerCallback: give either statistics (load, no fit) or fixed_scales / "
+                "fixed_baseline (fix part of a fit), not both"
+            )
+        if fixed_baseline and not composition:
+            raise ValueError("ScalerCallback: fixed_baseline needs composition=True")
         self.atomic_types = None if atomic_types is None else [int(t) for t in atomic_types]
         self.layouts = None if layouts is None else dict(layouts)
         self.targets = None if targets is None else list(targets)
@@ -103,7 +138,10 @@ class ScalerCallback(pl.Callback):
         self.per_structure_targets = list(to_plain(per_structure_targets))
         self.composition = composition
         self.no_composition = list(to_plain(no_composition))
-        self.fixed_scales = None if fixed_scales is None else dict(fixed_scales)
+        self.fixed_scales = _mapping_or_file(fixed_scales, fixed_scales_from)
+        self.fixed_baseline = _mapping_or_file(fixed_baseline, fixed_baseline_from)
+        self.statistics = None if not statistics else read_statistics(statistics)
+        self.save_statistics = None if save_statistics is None else Path(save_statistics)
         self.refit = refit
         self.unpack_batch = unpack_batch or default_unpack_batch
         self.progress_bar = progress_bar
@@ -277,6 +315,9 @@ class ScalerCallback(pl.Callback):
             self._hand_over(pl_module)
             return
         composition = getattr(pl_module, "composition", None)
+        if self.statistics is not None:
+            self._load_statistics(trainer, pl_module, scaler, composition)
+            return
         world_size, rank = trainer.world_size, trainer.global_rank
         batches, total = self._shard(self._source_loader(trainer, "fit"), rank, world_size)
         show = (
@@ -305,11 +346,44 @@ class ScalerCallback(pl.Callback):
             scaler,
             composition,
             fixed_scales=self.fixed_scales,
+            fixed_baseline=self.fixed_baseline,
             unpack=self._unpack,
             broadcast=broadcast,
             all_reduce=all_reduce,
             progress=progress,
         )
+        if self.save_statistics is not None and trainer.is_global_zero:
+            write_statistics(self.save_statistics, scaler, composition, self._units(pl_module))
+        self._hand_over(pl_module)
+
+    def _units(self, pl_module: pl.LightningModule) -> dict[str, str]:
+        """Target units, from the options of the LossModules (e.g. ``eV``)."""
+        units: dict[str, str] = {}
+        for module in self._loss_modules(pl_module):
+            for name, options in module.target_options.items():
+                if isinstance(options, Mapping) and options.get("unit"):
+                    units.setdefault(name, str(options["unit"]))
+        return units
+
+    def _load_statistics(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        scaler: Scaler,
+        composition: CompositionModel | None,
+    ) -> None:
+        """Load ``statistics`` (identical on every rank: no collective needed)."""
+        load_statistics(self.statistics, scaler, composition, self._units(pl_module))
+        data_types = getattr(getattr(trainer, "datamodule", None), "atomic_types", None)
+        if data_types is not None:
+            missing = sorted(set(data_types) - set(self.statistics["atomic_types"]))
+            if missing:
+                raise ValueError(
+                    f"{self.statistics['_source']}: no statistics for atomic type(s) "
+                    f"{missing} of the training data (the file has "
+                    f"{self.statistics['atomic_types']})"
+                )
+        self.summary = None
         self._hand_over(pl_module)
 
     # -- sharding --------------------------------------------------------------------
@@ -358,3 +432,19 @@ def _strided(iterable: Iterable[Any], rank: int, world_size: int) -> Iterator[An
     for index, item in enumerate(iterable):
         if index % world_size == rank:
             yield item
+
+
+def _mapping_or_file(
+    value: Mapping[str, Any] | str | Path | None, from_file: Callable[[Any], dict[str, Any]]
+) -> dict[str, Any] | None:
+    """A mapping as given, or the matching part of a statistics file (a path)."""
+    if value is None or (isinstance(value, Mapping) and not value):
+        return None
+    if isinstance(value, (str, Path)):
+        return from_file(value)
+    if not isinstance(value, Mapping):
+        raise ValueError(
+            f"ScalerCallback: expected a mapping of target -> values or the path of a "
+            f"statistics file, got {value!r}"
+        )
+    return dict(value)

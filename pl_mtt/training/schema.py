@@ -62,7 +62,8 @@ class DataConfig:
 
         data:
           dataset: emt              # an embedded dataset, or null with `path`
-          path: null                # any file ase.io.read understands
+          path: null                # a file ase.io.read understands, a metatrain
+                                    # DiskDataset .zip or MemmapDataset directory
           n_structures: null        # embedded: how many; a file: the first n
           targets:                  # the spec's training_set.targets form
             energy: {quantity: energy, key: dft_energy, forces: dft_forces}  # stress: detected
@@ -88,11 +89,23 @@ class DataConfig:
 
 @dataclass
 class ScalerConfig:
-    """Target scaling (the spec's ``scale_targets``) and the composition baseline."""
+    """Target scaling (the spec's ``scale_targets``) and the composition baseline.
+
+    .. code-block:: yaml
+
+        scaler:
+          statistics: null       # a statistics file: loaded, no fit (scaler.statistics=...)
+          fixed_scales: null     # target -> scale (per type), or a statistics file
+          fixed_baseline: null   # target -> baseline per type, or a statistics file
+          save_statistics: true  # write <run>/statistics.yaml after a fit
+    """
 
     scale_targets: bool = True
     composition: bool = True
-    fixed_scales: dict[str, Any] = field(default_factory=dict)
+    fixed_scales: Any = None
+    fixed_baseline: Any = None
+    statistics: str | None = None
+    save_statistics: bool = True
     per_structure_targets: list[str] = field(default_factory=list)
     refit_on_resume: bool = False
 
