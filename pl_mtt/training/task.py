@@ -36,9 +36,9 @@ from metatensor.torch import Labels, TensorBlock, TensorMap
 from pl_mtt import scaling
 from pl_mtt.config import to_plain
 from pl_mtt.loss_module import LossModule
-from pl_mtt.losses.functional.dos import dos_alignment_shifts
 from pl_mtt.training.callbacks import ScalerCallback
 from pl_mtt.training.metrics import PhysicalMetrics, metric_specs
+from pl_mtt.training.profiles import align_profile, profile_targets
 
 __all__ = ["AtomisticTask", "InferenceModel"]
 
@@ -110,9 +110,8 @@ class AtomisticTask(pl.LightningModule):
         self.loss = LossModule(loss, targets, global_mean=global_mean)
         self.val_loss = LossModule(loss, targets)
         self.test_loss = LossModule(loss, targets)
-        self.dos_targets = {
-            name: entry for name, entry in self.loss.config.items() if entry["type"] == "masked_dos"
-        }
+        # profiles with a shift-aligned loss (masked_dos, shift_agnostic_mse)
+        self.dos_targets = profile_targets(self.loss.config)
         divided = [
             name
             for name, options in targets.items()
@@ -167,7 +166,7 @@ class AtomisticTask(pl.LightningModule):
         targets: dict[str, TensorMap],
         extra_data: Mapping[str, TensorMap] | None,
     ) -> tuple[dict[str, TensorMap], dict[str, TensorMap]]:
-        """DOS metrics compare the aligned window with the masked target (masked-out
+        """Profile (DOS) metrics compare the aligned window with the target (masked-out
         points become NaN and are left out)."""
         if not self.dos_targets:
             return predictions, targets
@@ -177,18 +176,13 @@ class AtomisticTask(pl.LightningModule):
                 continue
             prediction = predictions[name].block_by_id(0)
             target = targets[name].block_by_id(0)
-            mask = extra_data[f"{name}_mask"].block_by_id(0).values
-            extra = entry["extra_targets"]
-            shifts = dos_alignment_shifts(
-                prediction.values, target.values, mask, extra_targets=extra
+            aligned, values, mask, _ = align_profile(
+                entry, prediction.values, target.values, extra_data, name
             )
-            n = prediction.values.shape[1] - extra
-            index = shifts[:, None] + torch.arange(n, device=shifts.device)
-            aligned = prediction.values.gather(1, index)
-            values, mask = target.values[:, -n:], mask[:, -n:]
+            masked = torch.where(mask != 0, values, torch.nan)
+            n = aligned.shape[1]
             properties = Labels(["point"], torch.arange(n, device=aligned.device).reshape(-1, 1))
             predictions[name] = _single_block(predictions[name], aligned, properties)
-            masked = torch.where(mask != 0, values, torch.nan)
             targets[name] = _single_block(targets[name], masked, properties)
         return predictions, targets
 
