@@ -3,6 +3,7 @@ formulas and against metatrain's own implementation (run in float64)."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -30,12 +31,12 @@ def padded_profile(p: torch.Tensor) -> list[float]:
 
 
 def trapz(values: list[float]) -> float:
-    return sum(H * (a + b) / 2 for a, b in zip(values[:-1], values[1:], strict=True))
+    return sum(H * (a + b) / 2 for a, b in itertools.pairwise(values))
 
 
 def cumtrapz(values: list[float]) -> list[float]:
     out, total = [], 0.0
-    for a, b in zip(values[:-1], values[1:], strict=True):
+    for a, b in itertools.pairwise(values):
         total += H * (a + b) / 2
         out.append(total)
     return out
@@ -106,7 +107,8 @@ def test_hand_computed_base_term():
         grad_penalty_weight=0,
         return_shifts=True,
     )
-    assert shifts.tolist() == [2] and float(loss) == 0.0
+    assert shifts.tolist() == [2]
+    assert float(loss) == 0.0
     # t = [3, 3]: shifts 0..4 of [0,0,1,2,0,0]: s=0: 9+9=18; s=1: 9+4=13; s=2: 4+1=5;
     # s=3: 1+9 + (1) front = 11; s=4: 9+9 + (1+4) = 23 -> 5 at shift 2
     loss, shifts = shift_agnostic_mse_loss(
@@ -116,7 +118,8 @@ def test_hand_computed_base_term():
         grad_penalty_weight=0,
         return_shifts=True,
     )
-    assert shifts.tolist() == [2] and float(loss) == 5.0
+    assert shifts.tolist() == [2]
+    assert float(loss) == 5.0
 
 
 def test_hand_computed_integral_term():

@@ -14,6 +14,7 @@ else runs, so a bad loss fails in a second with the key path of the problem.
 
 from __future__ import annotations
 
+import inspect
 import re
 import sys
 from pathlib import Path
@@ -41,6 +42,8 @@ __all__ = [
     "evaluate",
     "main",
     "merge_loss_shorthand_overrides",
+    "model_config_for_data",
+    "optimizer_arguments",
     "run",
     "train",
 ]
@@ -111,6 +114,33 @@ def _datamodule(cfg: DictConfig) -> AtomisticDataModule:
     return AtomisticDataModule(**data)
 
 
+def model_config_for_data(cfg: DictConfig, datamodule: AtomisticDataModule) -> dict[str, Any]:
+    """``cfg.model`` as a plain dict, completed with what the data says when the model
+    class takes it and the config leaves it out: ``targets`` (resolved target options)
+    and ``atomic_types`` (e.g. :class:`pl_mtt.models.MetatrainModel`)."""
+    config = OmegaConf.to_container(cfg.model, resolve=True)
+    parameters = inspect.signature(hydra.utils.get_class(config["_target_"])).parameters
+    if "targets" in parameters and not config.get("targets"):
+        config["targets"] = datamodule.target_options
+    if "atomic_types" in parameters and not config.get("atomic_types"):
+        config["atomic_types"] = datamodule.atomic_types
+    return config
+
+
+def optimizer_arguments(cfg: DictConfig) -> dict[str, Any]:
+    """``AtomisticTask``'s optimizer keyword arguments from ``cfg.optimizer``."""
+    optimizer = OmegaConf.to_container(cfg.optimizer, resolve=True)
+    return {
+        "optimizer": optimizer["name"],
+        "lr": optimizer["lr"],
+        "weight_decay": optimizer["weight_decay"],
+        "lr_decay": optimizer["lr_decay"],
+        "schedule": optimizer["schedule"],
+        "warmup_fraction": optimizer["warmup_fraction"],
+        "grad_clip_norm": optimizer["grad_clip_norm"],
+    }
+
+
 def _scaler_callback(cfg: DictConfig, dos_targets: list[str]) -> ScalerCallback:
     scaler = OmegaConf.to_container(cfg.scaler, resolve=True)
     return ScalerCallback(
@@ -148,17 +178,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = _datamodule(cfg)
     datamodule.setup()
     targets = datamodule.target_options
-    model = hydra.utils.instantiate(cfg.model)
+    model_config = model_config_for_data(cfg, datamodule)
     task = AtomisticTask(
-        model,
+        hydra.utils.instantiate(model_config),
         cfg.loss,
         targets,
-        lr=cfg.optimizer.lr,
-        weight_decay=cfg.optimizer.weight_decay,
-        lr_decay=cfg.optimizer.lr_decay,
+        **optimizer_arguments(cfg),
         per_structure_targets=list(cfg.scaler.per_structure_targets),
         global_mean=cfg.global_mean,
-        model_config=OmegaConf.to_container(cfg.model, resolve=True),
+        model_config=model_config,
     )
     checkpoint = ModelCheckpoint(
         dirpath=str(run_dir / "checkpoints"), monitor="val/loss", save_last=True

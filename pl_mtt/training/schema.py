@@ -94,11 +94,20 @@ class ScalerConfig:
 
 @dataclass
 class OptimizerConfig:
-    """Adam with an optional exponential decay per epoch."""
+    """Adam(W) and its learning-rate schedule (see :mod:`pl_mtt.training.optim`).
 
+    .. code-block:: yaml
+
+        optimizer: {name: adam, lr: 1.0e-4, schedule: warmup_cosine, warmup_fraction: 0.01}
+    """
+
+    name: str = "adam"
     lr: float = 1e-3
     weight_decay: float = 0.0
+    schedule: str = "exponential"
     lr_decay: float = 1.0
+    warmup_fraction: float = 0.0
+    grad_clip_norm: float | None = None
 
 
 @dataclass
@@ -116,6 +125,7 @@ class TrainConfig:
     dry_run: bool = False
     ckpt_path: str | None = None
     global_mean: bool = False
+    options: str | None = None
 
 
 def register_configs() -> None:

@@ -12,6 +12,7 @@ model with pl_mtt's losses, scaling pipeline and physical-unit metrics.
 .. code-block:: yaml
 
     optimizer: {lr: 1.0e-3, weight_decay: 0.0, lr_decay: 0.99}   # Adam, decay per epoch
+    optimizer: {lr: 1.0e-4, schedule: warmup_cosine, warmup_fraction: 0.01, grad_clip_norm: 1.0}
 
 Each step runs :mod:`pl_mtt.scaling`: the targets lose their composition baseline and
 are divided by atoms (metatrain's rule) and by the per-target scales, the model's raw
@@ -38,6 +39,7 @@ from pl_mtt.config import to_plain
 from pl_mtt.loss_module import LossModule
 from pl_mtt.training.callbacks import ScalerCallback
 from pl_mtt.training.metrics import PhysicalMetrics, metric_specs
+from pl_mtt.training.optim import OPTIMIZERS, SCHEDULES, make_optimizer, warmup_cosine_factor
 from pl_mtt.training.profiles import align_profile, profile_targets
 
 __all__ = ["AtomisticTask", "InferenceModel"]
@@ -73,7 +75,12 @@ class AtomisticTask(pl.LightningModule):
             (or None with ``model_config``).
         loss: loss config (see :func:`pl_mtt.expand_loss_config`).
         targets: resolved training target options (``AtomisticDataModule.target_options``).
-        lr, weight_decay: Adam's parameters; ``lr_decay``: exponential decay per epoch.
+        lr, weight_decay: the optimizer's parameters; ``optimizer``: ``adam`` or ``adamw``.
+        schedule: ``exponential`` (``lr_decay`` per epoch), ``warmup_cosine`` (metatrain's
+            trainers: linear warmup over ``warmup_fraction`` of the steps, then cosine
+            decay to 0, per step) or ``constant`` (see :mod:`pl_mtt.training.optim`).
+        grad_clip_norm: clip the gradient norm to this before each step (None: no
+            clipping; a Trainer's ``gradient_clip_val`` takes precedence).
         per_structure_targets: per-structure targets not divided by atoms (the same list
             as the :class:`ScalerCallback`'s).
         global_mean: exact global means of the training loss under DDP.
@@ -91,6 +98,10 @@ class AtomisticTask(pl.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         lr_decay: float = 1.0,
+        optimizer: str = "adam",
+        schedule: str = "exponential",
+        warmup_fraction: float = 0.0,
+        grad_clip_norm: float | None = None,
         per_structure_targets: Sequence[str] = (),
         global_mean: bool = False,
         model_config: Mapping[str, Any] | None = None,
@@ -98,6 +109,12 @@ class AtomisticTask(pl.LightningModule):
         super().__init__()
         targets = {n: dict(o or {}) for n, o in (to_plain(targets) or {}).items()}
         loss, model_config = to_plain(loss), to_plain(model_config)  # plain, picklable
+        if schedule not in SCHEDULES:
+            raise ValueError(f"optimizer.schedule: expected one of {SCHEDULES}, got {schedule!r}")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(
+                f"optimizer.name: expected one of {sorted(OPTIMIZERS)}, got {optimizer!r}"
+            )
         self.save_hyperparameters(ignore=["model"])
         if model is None:
             if model_config is None:
@@ -234,13 +251,39 @@ class AtomisticTask(pl.LightningModule):
         ScalerCallback.restore(self, checkpoint)  # scaler/composition before the weights
 
     def configure_optimizers(self) -> Any:
-        optimizer = torch.optim.Adam(
-            self.model.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+        hparams = self.hparams
+        optimizer = make_optimizer(
+            self.model.parameters(),
+            hparams.get("optimizer", "adam"),
+            hparams.lr,
+            hparams.weight_decay,
         )
-        if self.hparams.lr_decay == 1.0:
+        schedule = hparams.get("schedule", "exponential")
+        if schedule == "warmup_cosine":
+            factor = warmup_cosine_factor(
+                self.trainer.estimated_stepping_batches, hparams.get("warmup_fraction", 0.0)
+            )
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+            return {
+                "optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+            }
+        if schedule == "constant" or hparams.lr_decay == 1.0:
             return optimizer
-        scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=self.hparams.lr_decay)
+        scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=hparams.lr_decay)
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """The Trainer's ``gradient_clip_val`` if set, else ``grad_clip_norm`` (norm)."""
+        clip_norm = self.hparams.get("grad_clip_norm")
+        if gradient_clip_val is None and clip_norm is not None:
+            gradient_clip_val, gradient_clip_algorithm = clip_norm, "norm"
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
 
 def _single_block(like: TensorMap, values: torch.Tensor, properties: Labels) -> TensorMap:
