@@ -13,6 +13,7 @@ from pl_mtt.data.datamodule import AtomisticDataModule, split_indices
 from pl_mtt.data.dataset import AtomisticDataset
 from pl_mtt.data.embedded import EmbeddedDataset, cache_dir, embedded_dataset
 from pl_mtt.data.extra_data import read_extra_data, split_by_system
+from pl_mtt.data.indices import read_indices, write_indices
 from pl_mtt.data.layout import property_labels, structure_tensor_map, zero_sample_layout
 from pl_mtt.data.sampler import StridedShardSampler
 from pl_mtt.data.systems import atoms_to_system, read_atoms, system_to_atoms
@@ -33,6 +34,7 @@ __all__ = [
     "property_labels",
     "read_atoms",
     "read_extra_data",
+    "read_indices",
     "read_targets",
     "resolve_target_options",
     "split_by_system",
@@ -40,5 +42,6 @@ __all__ = [
     "structure_tensor_map",
     "system_to_atoms",
     "write_extxyz",
+    "write_indices",
     "zero_sample_layout",
 ]

@@ -9,9 +9,13 @@
       targets:                 # spec form; empty -> the embedded dataset's targets
         energy: {quantity: energy, key: energy, forces: true, stress: true}
       extra_data: {}           # name -> {read_from: file.mts}; merged with the embedded ones
-      val_fraction: 0.1
+      val_fraction: 0.1        # random split of the training structures...
       test_fraction: 0.1
+      indices: null            # training structures of `path`: a list or an index file
+      val_set: null            # ...or {indices: list|file} (structures of `path`) or
+      test_set: null           #    {path: file, targets: ..., extra_data: ..., indices: ...}
       batch_size: 8
+      drop_last: false         # drop the last incomplete training batch (metatrain does)
       num_workers: 0
       split_seed: 0
 
@@ -30,17 +34,18 @@ each structure once over all ranks), which Lightning keeps as it is.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning
 import torch
 from torch.utils.data import DataLoader
 
-from pl_mtt.config import to_plain
+from pl_mtt.config import check_known_keys, to_plain
 from pl_mtt.data.collate import batch_to, collate
 from pl_mtt.data.dataset import AtomisticDataset
 from pl_mtt.data.embedded import EmbeddedDataset, embedded_dataset
+from pl_mtt.data.indices import check_indices, read_indices
 from pl_mtt.data.sampler import StridedShardSampler
 
 __all__ = ["AtomisticDataModule", "split_indices"]
@@ -84,8 +89,16 @@ class AtomisticDataModule(lightning.LightningDataModule):
         n_structures: size of the embedded dataset (its default if None).
         targets: target name -> options (spec form); None/empty: the embedded ones.
         extra_data: name -> ``{read_from: file.mts}`` (added to the embedded ones).
-        val_fraction, test_fraction: split fractions (random, seeded by ``split_seed``).
+        val_fraction, test_fraction: split fractions of the training structures
+            (random, seeded by ``split_seed``); not used for a set given explicitly.
+        indices: the training structures of ``path`` (a list or an index file, see
+            :mod:`pl_mtt.data.indices`); default: all of them.
+        val_set, test_set: an explicit set: ``{indices: ...}`` (structures of ``path``;
+            the training structures are not changed, as in metatrain) or ``{path: ...,
+            targets: ..., extra_data: ..., indices: ...}`` (another file; targets and
+            extra data default to the training ones, without their ``read_from``).
         batch_size: structures per batch.
+        drop_last: drop the last incomplete batch of each training epoch.
         num_workers: ``DataLoader`` workers.
         split_seed: seed of the split (and of the training shuffle).
         dtype: ``"float64"`` (default) or ``"float32"``.
@@ -104,6 +117,10 @@ class AtomisticDataModule(lightning.LightningDataModule):
         num_workers: int = 0,
         split_seed: int = 0,
         dtype: str | torch.dtype = "float64",
+        indices: Sequence[int] | str | None = None,
+        val_set: Mapping[str, Any] | None = None,
+        test_set: Mapping[str, Any] | None = None,
+        drop_last: bool = False,
     ) -> None:
         super().__init__()
         if path is None and dataset is None:
@@ -125,6 +142,12 @@ class AtomisticDataModule(lightning.LightningDataModule):
         self.num_workers = int(num_workers)
         self.split_seed = int(split_seed)
         self.dtype = dtype
+        self.indices = to_plain(indices)
+        self.explicit_sets = {
+            "val": _explicit_set("data.val_set", to_plain(val_set)),
+            "test": _explicit_set("data.test_set", to_plain(test_set)),
+        }
+        self.drop_last = bool(drop_last)
         self.embedded: EmbeddedDataset | None = None
         self.train_dataset: AtomisticDataset | None = None
         self.val_dataset: AtomisticDataset | None = None
@@ -158,14 +181,62 @@ class AtomisticDataModule(lightning.LightningDataModule):
             return
         path, targets, extra = self._sources()
         full = AtomisticDataset.from_file(path, targets, extra, dtype=self.dtype)
-        self._atomic_types = full.atomic_types
+        candidates = list(range(len(full)))
+        if self.indices is not None:
+            candidates = read_indices(self.indices, "data.indices")
+            check_indices(candidates, len(full), "data.indices", path)
+        explicit = {
+            stage: self._explicit_dataset(stage, options, full, path, targets, extra)
+            for stage, options in self.explicit_sets.items()
+            if options is not None
+        }
+        val_fraction = 0.0 if "val" in explicit else self.val_fraction
+        test_fraction = 0.0 if "test" in explicit else self.test_fraction
         train, val, test = split_indices(
-            len(full), self.val_fraction, self.test_fraction, self.split_seed
+            len(candidates), val_fraction, test_fraction, self.split_seed
         )
-        self.split = {"train": train, "val": val, "test": test}  # indices into the file
-        self.train_dataset = full.subset(train)
-        self.val_dataset = full.subset(val)
-        self.test_dataset = full.subset(test)
+        # indices into the file (for a set from another file: into that file)
+        self.split = {
+            "train": [candidates[i] for i in train],
+            "val": [candidates[i] for i in val],
+            "test": [candidates[i] for i in test],
+        }
+        self.train_dataset = full.subset(self.split["train"])
+        datasets = {"val": full.subset(self.split["val"]), "test": full.subset(self.split["test"])}
+        for stage, (dataset, stage_indices) in explicit.items():
+            datasets[stage] = dataset
+            self.split[stage] = stage_indices
+        self.val_dataset, self.test_dataset = datasets["val"], datasets["test"]
+        self._atomic_types = sorted(
+            {*full.atomic_types, *(t for d, _ in explicit.values() for t in d.atomic_types)}
+        )
+
+    def _explicit_dataset(
+        self,
+        stage: str,
+        options: dict[str, Any],
+        full: AtomisticDataset,
+        path: str,
+        targets: dict[str, Any],
+        extra: dict[str, Any],
+    ) -> tuple[AtomisticDataset, list[int]]:
+        """An explicit validation or test set and its indices into its file."""
+        what = f"data.{stage}_set"
+        source, dataset = path, full
+        if options.get("path") is not None:
+            source = str(options["path"])
+            dataset = AtomisticDataset.from_file(
+                source,
+                options.get("targets") or _without_read_from(targets),
+                options.get("extra_data") or _without_read_from(extra),
+                dtype=self.dtype,
+            )
+            _check_same_gradients(what, dataset.target_options, full.target_options)
+        if options.get("indices") is None:
+            return dataset, list(range(len(dataset)))
+        chosen = read_indices(options["indices"], f"{what}.indices")
+        check_indices(chosen, len(dataset), f"{what}.indices", source)
+        return dataset.subset(chosen), chosen
 
     def _loaded(self) -> AtomisticDataset:
         if self.train_dataset is None:
@@ -208,7 +279,9 @@ class AtomisticDataModule(lightning.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         generator = torch.Generator().manual_seed(self.split_seed)
-        return self._loader(self._loaded(), shuffle=True, generator=generator)
+        return self._loader(
+            self._loaded(), shuffle=True, generator=generator, drop_last=self.drop_last
+        )
 
     def val_dataloader(self) -> DataLoader:
         self._loaded()
@@ -217,3 +290,44 @@ class AtomisticDataModule(lightning.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         self._loaded()
         return self._loader(self.test_dataset, sampler=StridedShardSampler(self.test_dataset))
+
+
+_EXPLICIT_SET_KEYS = ("indices", "path", "targets", "extra_data")
+
+
+def _explicit_set(what: str, options: Any) -> dict[str, Any] | None:
+    """A validated ``val_set``/``test_set`` mapping (None: use the fraction)."""
+    if options is None:
+        return None
+    if not isinstance(options, Mapping):
+        raise ValueError(f"{what}: expected a mapping ({', '.join(_EXPLICIT_SET_KEYS)})")
+    check_known_keys(options, _EXPLICIT_SET_KEYS, what)
+    if options.get("path") is None and options.get("indices") is None:
+        raise ValueError(f"{what}: give `indices` (structures of data.path) or a `path`")
+    return dict(options)
+
+
+def _without_read_from(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Per-entry options without ``read_from`` (they point at the training file)."""
+    return {
+        name: {k: v for k, v in (entry or {}).items() if k != "read_from"}
+        if isinstance(entry, Mapping)
+        else entry
+        for name, entry in options.items()
+    }
+
+
+def _check_same_gradients(
+    what: str, resolved: Mapping[str, Mapping[str, Any]], training: Mapping[str, Mapping[str, Any]]
+) -> None:
+    """A separate validation/test file must provide the training targets and gradients."""
+    for name, options in training.items():
+        if name not in resolved:
+            raise ValueError(f"{what}: target '{name}' of the training set is missing")
+        for gradient in ("forces", "stress", "virial"):
+            if bool(options.get(gradient)) != bool(resolved[name].get(gradient)):
+                raise ValueError(
+                    f"{what}: target '{name}' has {gradient} "
+                    f"{'in' if options.get(gradient) else 'not in'} the training set but "
+                    f"{'in' if resolved[name].get(gradient) else 'not in'} this set"
+                )

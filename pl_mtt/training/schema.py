@@ -75,7 +75,11 @@ class DataConfig:
     extra_data: dict[str, Any] = field(default_factory=dict)
     val_fraction: float = 0.1
     test_fraction: float = 0.1
+    indices: Any = None
+    val_set: Any = None
+    test_set: Any = None
     batch_size: int = 8
+    drop_last: bool = False
     num_workers: int = 0
     split_seed: int = 0
     dtype: str = "float64"
