@@ -19,14 +19,32 @@ from __future__ import annotations
 
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from pl_mtt.config import check_known_keys
 
-__all__ = ["check_value", "describe", "typed_dict_fields"]
+__all__ = ["Bound", "check_required", "check_value", "describe", "typed_dict_fields"]
 
 _WRAPPERS = ("NotRequired", "Required", "ReadOnly")
+
+
+@dataclass(frozen=True)
+class Bound:
+    """Bounds of a number, for ``Annotated[int, Bound(ge=0)]`` (like annotated_types)."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+
+def check_required(mapping: Mapping[str, Any], keys: Sequence[str], path: str) -> None:
+    """Raise a ``ValueError`` naming ``<path>.<key>`` for the first missing key."""
+    for key in keys:
+        if key not in mapping:
+            raise ValueError(f"{path}.{key}: missing (required)")
 
 
 def _origin_name(annotation: Any) -> str:

@@ -7,9 +7,17 @@
     python -m pl_mtt.train loss.energy.forces=mae loss.energy.forces.weight=0.1
     python -m pl_mtt.train loss=mse dry_run=true             # print the expanded loss
     python -m pl_mtt.train -m loss.energy.forces=mse,mae     # a sweep
+    python -m pl_mtt.train options=options.yaml              # a metatrain options file
+    python -m pl_mtt.train options=options.yaml trainer.max_epochs=3 dry_run=true
 
 The loss config is validated with :func:`pl_mtt.expand_loss_config` before anything
 else runs, so a bad loss fails in a second with the key path of the problem.
+
+``options=<file>``: the metatrain options file is checked and translated
+(:func:`pl_mtt.interop.translate_options`) before Hydra composes the config; the
+translation enters the defaults list after the app's own config (``metatrain_options``
+group), so command-line overrides still apply last. Its keys that pl_mtt does not act
+on are listed once at start-up.
 """
 
 from __future__ import annotations
@@ -23,13 +31,21 @@ from typing import Any
 import hydra
 import lightning.pytorch as L  # noqa: N812
 import torch
+from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from pl_mtt.config import expand_loss_config
-from pl_mtt.data import AtomisticDataModule, AtomisticDataset, collate
+from pl_mtt.data import AtomisticDataModule, AtomisticDataset, collate, write_indices
+from pl_mtt.interop import (
+    OptionsTranslation,
+    format_not_acted_on,
+    loss_for_data,
+    translate_options,
+)
 from pl_mtt.registry import loss_type_names
 from pl_mtt.training.callbacks import ScalerCallback
 from pl_mtt.training.evaluation import collect
@@ -44,6 +60,8 @@ __all__ = [
     "merge_loss_shorthand_overrides",
     "model_config_for_data",
     "optimizer_arguments",
+    "options_argument",
+    "register_options_config",
     "run",
     "train",
 ]
@@ -100,6 +118,54 @@ def merge_loss_shorthand_overrides(args: list[str]) -> list[str]:
 def training_targets(cfg: DictConfig) -> dict[str, Any]:
     """Target options as configured in ``data.targets`` (before the data is read)."""
     return OmegaConf.to_container(cfg.data.targets, resolve=True) or {}
+
+
+# -- metatrain options files ---------------------------------------------------------
+_OPTIONS_ARGUMENT = re.compile(r"^\+{0,2}options=(?P<path>.+)$")
+
+
+def options_argument(args: list[str]) -> str | None:
+    """The path of the last ``options=<file>`` command-line argument, if any."""
+    paths = [m["path"] for m in map(_OPTIONS_ARGUMENT.match, args) if m]
+    return paths[-1].strip("'\"") if paths else None
+
+
+def model_config_names() -> list[str]:
+    """Names of the app's ``conf/model`` configs."""
+    return sorted(path.stem for path in (Path(config_dir()) / "model").glob("*.yaml"))
+
+
+def register_options_config(args: list[str]) -> OptionsTranslation | None:
+    """Translate the ``options=<file>`` of ``args`` and store it in Hydra's ConfigStore
+    as ``metatrain_options/file`` (the defaults list of ``conf/config.yaml`` picks it up
+    after the app's config, before the command-line overrides)."""
+    path = options_argument(args)
+    if path is None or path in ("null", "None"):
+        return None
+    translation = translate_options(path, model_config_names())
+    ConfigStore.instance().store(
+        group="metatrain_options", name="file", node=translation.config, package="_global_"
+    )
+    return translation
+
+
+def options_translation(cfg: DictConfig) -> OptionsTranslation | None:
+    """The translation of ``cfg.options`` (None without an options file)."""
+    if not cfg.get("options"):
+        return None
+    return translate_options(cfg.options, model_config_names())
+
+
+def loss_targets(cfg: DictConfig, translation: OptionsTranslation | None) -> dict[str, Any]:
+    """The targets the loss config is checked against before the data is read."""
+    if translation is not None:
+        return translation.loss_targets
+    return training_targets(cfg)
+
+
+@rank_zero_only
+def _announce(text: str) -> None:
+    print(text)
 
 
 def output_dir() -> Path:
@@ -178,10 +244,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = _datamodule(cfg)
     datamodule.setup()
     targets = datamodule.target_options
+    loss = OmegaConf.to_container(cfg.loss, resolve=True)
+    if cfg.get("options"):  # metatrain drops the terms of gradients the data lacks
+        loss, dropped = loss_for_data(loss, targets)
+        if dropped:
+            _announce(f"loss terms without data (not used): {', '.join(dropped)}")
     model_config = model_config_for_data(cfg, datamodule)
     task = AtomisticTask(
         hydra.utils.instantiate(model_config),
-        cfg.loss,
+        loss,
         targets,
         **optimizer_arguments(cfg),
         per_structure_targets=list(cfg.scaler.per_structure_targets),
@@ -195,13 +266,26 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.scaler.scale_targets:
         callbacks.append(_scaler_callback(cfg, list(task.dos_targets)))
     trainer = _trainer(cfg, run_dir, callbacks)
+    if trainer.is_global_zero:
+        write_split(datamodule, run_dir)
     trainer.fit(task, datamodule, ckpt_path=cfg.ckpt_path)
+    if len(datamodule.test_dataset) == 0:  # e.g. metatrain's default test_set: 0
+        _announce("no test set: the final evaluation and report use the validation set")
+        datamodule.test_dataset = datamodule.val_dataset
     results = trainer.test(task, datamodule, verbose=False)
     if trainer.is_global_zero:
         torch.save(task.inference_model(), run_dir / "model.pt")
         write_report(task, datamodule.test_dataloader(), run_dir, run_dir / "metrics.csv")
         print(f"outputs written to {run_dir}")
     return {"test": results[0] if results else {}, "best": checkpoint.best_model_path}
+
+
+def write_split(datamodule: AtomisticDataModule, run_dir: Path) -> None:
+    """``indices/training.txt``, ``validation.txt``, ``test.txt`` (metatrain's format):
+    the structures of each set, as indices into their file."""
+    names = {"train": "training", "val": "validation", "test": "test"}
+    for stage, indices in datamodule.split.items():
+        write_indices(run_dir / "indices" / f"{names[stage]}.txt", indices)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -227,7 +311,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Validate the loss config, then train (or ``dry_run``: print it; or evaluate)."""
-    expanded = expand_loss_config(cfg.loss, training_targets(cfg))
+    translation = options_translation(cfg)
+    if translation is not None:
+        _announce(format_not_acted_on(translation.path, translation.not_acted_on))
+    expanded = expand_loss_config(cfg.loss, loss_targets(cfg, translation))
     if cfg.dry_run:
         print(OmegaConf.to_yaml(cfg, resolve=True))
         print("# expanded loss config")
@@ -243,7 +330,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def main() -> None:
     """Console entry point (also ``python -m pl_mtt.train``)."""
     register_configs()
-    sys.argv = [sys.argv[0], *merge_loss_shorthand_overrides(sys.argv[1:])]
+    args = merge_loss_shorthand_overrides(sys.argv[1:])
+    register_options_config(args)
+    sys.argv = [sys.argv[0], *args]
     app = hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")(run)
     app()
 
