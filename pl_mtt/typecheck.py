@@ -5,7 +5,8 @@ pl_mtt: ``bool`` is not an ``int``, an ``int`` is a valid ``float``, a string is
 number, lists are lists, mapping keys are not converted. Supported annotations:
 ``Any``, ``bool``, ``int``, ``float``, ``str``, ``None``, ``Literal``, unions
 (``X | Y``, ``Optional``), ``list[T]``, ``dict[K, V]``, ``TypedDict`` classes (unknown
-keys are errors with a suggestion; missing keys are not checked here), ``Annotated``
+keys are errors with a suggestion unless the class allows extra keys, as pydantic's
+``extra="allow"``; missing keys are not checked here), ``Annotated``
 with ``annotated_types`` bounds (``Ge``, ``Gt``, ``Le``, ``Lt``, ``Interval``) and
 ``NotRequired``/``Required`` wrappers.
 
@@ -201,9 +202,12 @@ def _check_typed_dict(value: Any, cls: type, path: str) -> None:
     if not isinstance(value, Mapping):
         raise _fail(path, cls, value)
     fields = typed_dict_fields(cls)
-    check_known_keys(value, list(fields), path, "option")
+    # a class that declares extra keys allowed (pydantic's extra="allow") takes any key
+    if (getattr(cls, "__pydantic_config__", None) or {}).get("extra") != "allow":
+        check_known_keys(value, list(fields), path, "option")
     for key, item in value.items():
-        check_value(item, fields[key], f"{path}.{key}")
+        if key in fields:
+            check_value(item, fields[key], f"{path}.{key}")
 
 
 def _check_bounds(value: Any, meta: Any, annotation: Any, path: str) -> None:

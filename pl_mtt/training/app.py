@@ -140,6 +140,7 @@ def register_options_config(args: list[str]) -> OptionsTranslation | None:
     as ``metatrain_options/file`` (the defaults list of ``conf/config.yaml`` picks it up
     after the app's config, before the command-line overrides)."""
     path = options_argument(args)
+    ConfigStore.instance().repo.get("metatrain_options", {}).pop("file.yaml", None)
     if path is None or path in ("null", "None"):
         return None
     translation = translate_options(path, model_config_names())
