@@ -8,10 +8,10 @@ import ase.build
 import numpy as np
 import pytest
 import torch
-from metatensor.torch import Labels
-from metatomic.torch import System
+from metatensor.torch import Labels, TensorMap
+from metatomic.torch import ModelOutput, System
 
-from pl_mtt.data import atoms_to_system
+from pl_mtt.data import atoms_to_system, attach_neighbor_lists
 from pl_mtt.models import RadialMLP, batch_geometry
 from pl_mtt.tensormaps import ensemble_output_name, layout_signature
 
@@ -308,3 +308,60 @@ def test_neighbor_pairs_match_ase():
         in_system = (geometry.centers >= offset) & (geometry.centers < offset + len(system))
         np.testing.assert_allclose(np.sort(distances[in_system].numpy()), reference, atol=1e-12)
         offset += len(system)
+
+
+class _RawOutputs(torch.nn.Module):
+    """What an engine-facing wrapper does: call ``raw_outputs`` from TorchScript."""
+
+    def __init__(self, net: RadialMLP) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(
+        self, systems: list[System], outputs: dict[str, ModelOutput], selected: Labels | None
+    ) -> dict[str, TensorMap]:
+        return self.net.raw_outputs(systems, outputs, selected)
+
+
+def test_raw_outputs_are_torchscript_and_equal_the_training_forward():
+    """Pairs read from the systems' lists; forces by autograd through the lists' vectors
+    (registered by vesin with the positions), as an engine computes them."""
+    net = model(ensemble_size=3)
+    scripted = torch.jit.script(_RawOutputs(net))
+    systems = make_systems()
+    reference = net(systems)
+    engine_systems = [
+        System(s.types, s.positions.clone().requires_grad_(True), s.cell, s.pbc) for s in systems
+    ]
+    attach_neighbor_lists(engine_systems, net.requested_neighbor_lists())
+    requests = {
+        "energy": ModelOutput(sample_kind="system"),
+        "energy_ensemble": ModelOutput(sample_kind="atom"),
+    }
+    raw = scripted(engine_systems, requests, None)
+    energy = raw["energy"].block()
+    torch.testing.assert_close(
+        energy.values, reference["energy"].block().values, rtol=1e-12, atol=0
+    )
+    assert energy.samples == reference["energy"].block().samples
+    members = raw["energy_ensemble"].block()
+    assert members.samples.names == ["system", "atom"]
+    per_structure = torch.zeros(3, 3, dtype=torch.float64).index_add(
+        0, members.samples.column("system"), members.values
+    )
+    torch.testing.assert_close(per_structure, reference["energy_ensemble"].block().values)
+    assert members.properties == reference["energy_ensemble"].block().properties
+    gradient = torch.autograd.grad(energy.values.sum(), [s.positions for s in engine_systems])
+    torch.testing.assert_close(
+        torch.cat(gradient),
+        reference["energy"].block().gradient("positions").values[:, :, 0],
+        rtol=1e-10,
+        atol=1e-12,
+    )
+    # selected atoms: only their per-atom values, summed per system
+    selected = Labels(["system", "atom"], torch.tensor([[0, 1], [0, 3], [2, 0]], dtype=torch.int32))
+    per_atom = scripted(systems, {"energy": ModelOutput(sample_kind="atom")}, None)["energy"]
+    chosen = scripted(systems, {"energy": ModelOutput(sample_kind="system")}, selected)
+    rows = per_atom.block().values[:, 0]
+    expected = torch.stack([rows[1] + rows[3], rows.new_zeros(()), rows[4 + 3]])
+    torch.testing.assert_close(chosen["energy"].block().values[:, 0], expected)

@@ -5,7 +5,9 @@
   :func:`read_extra_data` (``.mts`` files), :func:`write_extxyz` (the inverse);
 - :func:`collate` / :func:`join_structures` (batches), :func:`batch_to` (device moves),
   :class:`StridedShardSampler` (DDP shards without padding);
-- :func:`embedded_dataset` (``emt``, ``dos``: generated and cached, no download).
+- :func:`embedded_dataset` (``emt``, ``dos``: generated and cached, no download);
+- :func:`requested_neighbor_lists` / :func:`attach_neighbor_lists`: the neighbour lists
+  a model requests, attached to the structures once (datasets do it when asked).
 """
 
 from pl_mtt.data.collate import batch_to, collate, join_structures
@@ -19,6 +21,7 @@ from pl_mtt.data.sampler import StridedShardSampler
 from pl_mtt.data.systems import atoms_to_system, read_atoms, system_to_atoms
 from pl_mtt.data.targets import read_targets, resolve_target_options
 from pl_mtt.data.writing import write_extxyz
+from pl_mtt.tensormaps.neighbors import attach_neighbor_lists, requested_neighbor_lists
 
 __all__ = [
     "AtomisticDataModule",
@@ -26,6 +29,7 @@ __all__ = [
     "EmbeddedDataset",
     "StridedShardSampler",
     "atoms_to_system",
+    "attach_neighbor_lists",
     "batch_to",
     "cache_dir",
     "collate",
@@ -36,6 +40,7 @@ __all__ = [
     "read_extra_data",
     "read_indices",
     "read_targets",
+    "requested_neighbor_lists",
     "resolve_target_options",
     "split_by_system",
     "split_indices",

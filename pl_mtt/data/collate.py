@@ -125,9 +125,18 @@ def batch_to(
     batch: Batch, device: torch.device | str | None = None, dtype: torch.dtype | None = None
 ) -> Batch:
     """Move a batch to ``device`` (and floating ``dtype``): use it in a LightningModule's
-    ``transfer_batch_to_device`` (Lightning does not know ``System``/``TensorMap``)."""
+    ``transfer_batch_to_device`` (Lightning does not know ``System``/``TensorMap``).
+    Without ``dtype``, systems and TensorMaps already on that device are kept as they are
+    (not copied)."""
     systems, targets, extra_data = batch
-    systems = [system.to(dtype=dtype, device=device) for system in systems]
-    targets = {name: t.to(dtype=dtype, device=device) for name, t in targets.items()}
-    extra_data = {name: t.to(dtype=dtype, device=device) for name, t in extra_data.items()}
+    target_device = None if device is None else torch.device(device)
+
+    def moved(item):  # a System or TensorMap already where it belongs is not copied
+        if dtype is None and (target_device is None or item.device == target_device):
+            return item
+        return item.to(dtype=dtype, device=device)
+
+    systems = [moved(system) for system in systems]
+    targets = {name: moved(t) for name, t in targets.items()}
+    extra_data = {name: moved(t) for name, t in extra_data.items()}
     return systems, targets, extra_data

@@ -26,6 +26,11 @@ After :meth:`setup` (called by Lightning, or by hand before building the model):
 ``transfer_batch_to_device`` hook moves batches to the model's device (a
 LightningModule's own hook, if any, takes precedence).
 
+Neighbour lists: when a Trainer calls :meth:`setup`, the lists that the LightningModule
+(any submodule: the model) requests with ``requested_neighbor_lists()`` are attached to
+each structure the first time it is loaded and kept: computed once per structure, not
+for every batch (:meth:`request_neighbor_lists` does it by hand).
+
 Distributed runs: the training loader is a plain shuffled loader, which Lightning
 shards with its ``DistributedSampler`` (padded, so that every rank runs the same number
 of steps); validation and test loaders use :class:`StridedShardSampler` (never padded,
@@ -39,6 +44,7 @@ from typing import Any
 
 import lightning
 import torch
+from metatomic.torch import NeighborListOptions
 from torch.utils.data import DataLoader
 
 from pl_mtt.config import check_known_keys, to_plain
@@ -47,6 +53,7 @@ from pl_mtt.data.dataset import AtomisticDataset
 from pl_mtt.data.embedded import EmbeddedDataset, embedded_dataset
 from pl_mtt.data.indices import check_indices, read_indices
 from pl_mtt.data.sampler import StridedShardSampler
+from pl_mtt.tensormaps.neighbors import requested_neighbor_lists
 
 __all__ = ["AtomisticDataModule", "split_indices"]
 
@@ -154,6 +161,7 @@ class AtomisticDataModule(lightning.LightningDataModule):
         self.test_dataset: AtomisticDataset | None = None
         self.split: dict[str, list[int]] = {}
         self._atomic_types: list[int] = []
+        self.neighbor_lists: list[NeighborListOptions] = []
 
     # -- loading --------------------------------------------------------------------
     def _sources(self) -> tuple[str, dict[str, Any], dict[str, Any]]:
@@ -176,11 +184,29 @@ class AtomisticDataModule(lightning.LightningDataModule):
             embedded_dataset(self.dataset_name, self.n_structures)
 
     def setup(self, stage: str | None = None) -> None:
-        """Read the data and split it (once; later calls do nothing)."""
+        """Read the data and split it (once), and attach the neighbour lists the
+        Trainer's LightningModule requests (on every call with a Trainer)."""
+        self._load()
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if module is not None:
+            self.request_neighbor_lists(requested_neighbor_lists(module))
+
+    def request_neighbor_lists(self, options: list[NeighborListOptions]) -> None:
+        """Attach these neighbour lists to every structure (all splits) when it is first
+        loaded; see :meth:`AtomisticDataset.request_neighbor_lists`."""
+        for item in options:
+            if not any(item == have for have in self.neighbor_lists):
+                self.neighbor_lists.append(item)
+        for dataset in (self.train_dataset, self.val_dataset, self.test_dataset):
+            if dataset is not None:
+                dataset.request_neighbor_lists(self.neighbor_lists)
+
+    def _load(self) -> None:
         if self.train_dataset is not None:
             return
         path, targets, extra = self._sources()
         full = AtomisticDataset.from_file(path, targets, extra, dtype=self.dtype)
+        full.request_neighbor_lists(self.neighbor_lists)
         candidates = list(range(len(full)))
         if self.indices is not None:
             candidates = read_indices(self.indices, "data.indices")
@@ -232,6 +258,7 @@ class AtomisticDataModule(lightning.LightningDataModule):
                 dtype=self.dtype,
             )
             _check_same_gradients(what, dataset.target_options, full.target_options)
+            dataset.request_neighbor_lists(self.neighbor_lists)
         if options.get("indices") is None:
             return dataset, list(range(len(dataset)))
         chosen = read_indices(options["indices"], f"{what}.indices")
@@ -239,8 +266,7 @@ class AtomisticDataModule(lightning.LightningDataModule):
         return dataset.subset(chosen), chosen
 
     def _loaded(self) -> AtomisticDataset:
-        if self.train_dataset is None:
-            self.setup()
+        self._load()
         return self.train_dataset
 
     # -- what the model, loss and scaler need ---------------------------------------

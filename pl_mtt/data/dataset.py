@@ -9,6 +9,7 @@
     )
     dataset.target_options   # resolved options -> expand_loss_config / LossModule
     dataset.layouts()        # zero-sample TensorMaps -> Scaler(atomic_types, layouts)
+    dataset.request_neighbor_lists(requested_neighbor_lists(model))  # once per structure
     system, targets, extra_data = dataset[0]
 """
 
@@ -20,13 +21,14 @@ from typing import Any
 
 import torch
 from metatensor.torch import TensorMap
-from metatomic.torch import System
+from metatomic.torch import NeighborListOptions, System
 
 from pl_mtt.config import to_plain
 from pl_mtt.data.extra_data import read_extra_data
 from pl_mtt.data.layout import zero_sample_layout
 from pl_mtt.data.systems import read_atoms, systems_from_atoms
 from pl_mtt.data.targets import read_targets
+from pl_mtt.tensormaps.neighbors import attach_neighbor_lists
 
 __all__ = ["AtomisticDataset"]
 
@@ -40,6 +42,8 @@ class AtomisticDataset(torch.utils.data.Dataset):
         extra_data: name -> one TensorMap per structure (e.g. ``<target>_mask``).
         target_options: name -> resolved target options (see
             :func:`pl_mtt.data.read_targets`); empty options if not given.
+        neighbor_lists: neighbour lists to attach to each structure when it is first
+            loaded (see :meth:`request_neighbor_lists`).
     """
 
     def __init__(
@@ -48,6 +52,7 @@ class AtomisticDataset(torch.utils.data.Dataset):
         targets: Mapping[str, Sequence[TensorMap]],
         extra_data: Mapping[str, Sequence[TensorMap]] | None = None,
         target_options: Mapping[str, Mapping[str, Any]] | None = None,
+        neighbor_lists: Sequence[NeighborListOptions] = (),
     ) -> None:
         self.systems = list(systems)
         self.targets = {name: list(values) for name, values in targets.items()}
@@ -63,6 +68,20 @@ class AtomisticDataset(torch.utils.data.Dataset):
                         f"{len(self.systems)} structures"
                     )
         self._check_masks()
+        self.neighbor_lists: list[NeighborListOptions] = []
+        self._with_lists: set[int] = set()  # structures that carry every requested list
+        self.request_neighbor_lists(neighbor_lists)
+
+    def request_neighbor_lists(self, options: Sequence[NeighborListOptions]) -> None:
+        """Attach these neighbour lists (``metatomic.torch.NeighborListOptions``, e.g.
+        :func:`pl_mtt.data.requested_neighbor_lists` of a model) to every structure the
+        first time it is loaded: each is computed once per structure and kept for every
+        later epoch (the systems handed to the model carry them). Adds to earlier
+        requests; an empty list changes nothing."""
+        new = [item for item in options if not any(item == have for have in self.neighbor_lists)]
+        if new:
+            self.neighbor_lists.extend(new)
+            self._with_lists.clear()
 
     @classmethod
     def from_file(
@@ -87,20 +106,26 @@ class AtomisticDataset(torch.utils.data.Dataset):
         return len(self.systems)
 
     def __getitem__(self, index: int) -> tuple[System, dict[str, TensorMap], dict[str, TensorMap]]:
+        system = self.systems[index]
+        if self.neighbor_lists and index not in self._with_lists:
+            attach_neighbor_lists([system], self.neighbor_lists)
+            self._with_lists.add(index)
         return (
-            self.systems[index],
+            system,
             {name: values[index] for name, values in self.targets.items()},
             {name: values[index] for name, values in self.extra_data.items()},
         )
 
     def subset(self, indices: Sequence[int]) -> AtomisticDataset:
-        """A new dataset with the structures at ``indices`` (same options)."""
+        """A new dataset with the structures at ``indices`` (same options and neighbour
+        lists; the system objects are shared, so are lists already attached)."""
         indices = [int(i) for i in indices]
         return AtomisticDataset(
             [self.systems[i] for i in indices],
             {name: [values[i] for i in indices] for name, values in self.targets.items()},
             {name: [values[i] for i in indices] for name, values in self.extra_data.items()},
             self.target_options,
+            self.neighbor_lists,
         )
 
     @property

@@ -16,8 +16,6 @@ import math
 
 import torch
 
-from pl_mtt.models.geometry import BatchGeometry
-
 __all__ = ["RadialDescriptor", "cosine_cutoff", "gaussian_basis"]
 
 MAX_ATOMIC_NUMBER = 118
@@ -67,20 +65,27 @@ class RadialDescriptor(torch.nn.Module):
         """Number of features per atom."""
         return self.n_radial * self.type_dim + self.type_dim
 
-    def forward(self, geometry: BatchGeometry) -> torch.Tensor:
-        """``(N, size)`` features of the atoms of ``geometry``."""
-        distances = torch.linalg.vector_norm(geometry.vectors, dim=1)
+    def forward(
+        self,
+        types: torch.Tensor,
+        centers: torch.Tensor,
+        neighbors: torch.Tensor,
+        vectors: torch.Tensor,
+    ) -> torch.Tensor:
+        """``(N, size)`` features of atoms of atomic numbers ``types`` (``(N,)``), from
+        the pairs ``centers -> neighbors`` (``(P,)`` atom indices) of vectors
+        ``(P, 3)``. TorchScript."""
+        distances = torch.linalg.vector_norm(vectors, dim=1)
         radial = (
             gaussian_basis(distances, self.cutoff, self.n_radial)
             * cosine_cutoff(distances, self.cutoff)[:, None]
         )
-        neighbor_types = self.neighbor_embedding(geometry.types[geometry.neighbors].long())
+        neighbor_types = self.neighbor_embedding(types[neighbors].long())
         pair_features = (radial[:, :, None] * neighbor_types[:, None, :]).reshape(
-            len(distances), -1
+            distances.shape[0], -1
         )
-        n_atoms = len(geometry.types)
         summed = torch.zeros(
-            (n_atoms, pair_features.shape[1]), dtype=radial.dtype, device=radial.device
-        ).index_add(0, geometry.centers, pair_features)
-        centers = self.center_embedding(geometry.types.long())
-        return torch.cat([summed / self.normalization, centers], dim=1)
+            (types.shape[0], pair_features.shape[1]), dtype=radial.dtype, device=radial.device
+        ).index_add(0, centers, pair_features)
+        center_features = self.center_embedding(types.long())
+        return torch.cat([summed / self.normalization, center_features], dim=1)

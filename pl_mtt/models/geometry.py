@@ -1,26 +1,32 @@
 """Batch geometry: atoms of all systems concatenated, neighbour pairs, strain handle.
 
-Pairs are found with ``vesin`` on detached float64 copies of the positions (one call
-per system: vesin works on one system at a time), then the pair vectors are rebuilt
-differentiably from positions, cells and integer cell shifts:
+Pairs come from the neighbour list each system carries (``system.get_neighbor_list``,
+metatomic's convention: samples ``first_atom, second_atom, cell_shift_a/b/c``, values
+the pair vectors). :func:`neighbor_pairs` gathers them for a batch and is TorchScript
+code, shared by training and the exported model. In training the data layer attaches
+the lists once per structure (:mod:`pl_mtt.tensormaps.neighbors`); :func:`batch_geometry`
+computes the missing ones (systems built by hand) and rebuilds the pair vectors
+differentiably from positions, cells and the integer cell shifts:
 
     r_ij = x'_j - x'_i + S_ij · h'      with  x' = x (1 + ε),  h' = h (1 + ε)
 
 where ``ε`` is a zero ``(n_systems, 3, 3)`` strain that requires grad when the strain
 gradient is needed: ``dE/dε`` at ``ε = 0`` is then the strain gradient
-``dE/d(strain) = V * stress = -virial``.
+``dE/d(strain) = V * stress = -virial``. (A simulation engine does the same with the
+lists it computes, so the exported model uses the vectors it is given.)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-import vesin
-from metatomic.torch import System
+from metatomic.torch import NeighborListOptions, System
 
-__all__ = ["BatchGeometry", "batch_geometry"]
+from pl_mtt.tensormaps.block_ops import lazy_script
+from pl_mtt.tensormaps.neighbors import attach_neighbor_lists
+
+__all__ = ["BatchGeometry", "batch_geometry", "neighbor_pairs", "system_of_atoms"]
 
 
 @dataclass
@@ -33,7 +39,8 @@ class BatchGeometry:
         strain: ``(B, 3, 3)`` zero strain (requires grad) or None.
         atom_system: ``(N,)`` index of each atom's system.
         atom_index: ``(N,)`` index of each atom within its system.
-        centers, neighbors: ``(P,)`` atom indices of each (directed) pair.
+        centers, neighbors: ``(P,)`` atom indices of each pair (as listed by the
+            neighbour list: both directions for a full list).
         vectors: ``(P, 3)`` pair vectors ``r_j - r_i`` (differentiable).
         n_systems: ``B``.
     """
@@ -49,42 +56,88 @@ class BatchGeometry:
     n_systems: int
 
 
-def _pairs(system: System, calculator: vesin.NeighborList) -> tuple[np.ndarray, ...]:
-    positions = system.positions.detach().cpu().to(torch.float64).numpy()
-    cell = system.cell.detach().cpu().to(torch.float64).numpy()
-    periodic = system.pbc.detach().cpu().numpy().tolist()
-    return calculator.compute(positions, cell, periodic, quantities="ijS")
+def system_of_atoms(systems: list[System]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(atom_system, atom_index)``: system of each atom of the batch and its index in
+    that system (``(N,)`` int64 each). TorchScript."""
+    device = systems[0].positions.device
+    lengths: list[int] = [len(system) for system in systems]
+    total = 0
+    for length in lengths:
+        total += length
+    counts = torch.tensor(lengths, device=device)
+    atom_system = torch.repeat_interleave(
+        torch.arange(len(systems), device=device), counts, output_size=total
+    )
+    starts = torch.cumsum(counts, 0) - counts
+    atom_index = torch.arange(atom_system.shape[0], device=device) - starts[atom_system]
+    return atom_system, atom_index
+
+
+def neighbor_pairs(
+    systems: list[System], options: NeighborListOptions
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The pairs of ``options``' neighbour list over a batch. TorchScript.
+
+    Returns ``(centers, neighbors, cell_shifts, pair_system, vectors)``: atom indices in
+    the concatenated batch (``(P,)`` int64), integer cell shifts ``(P, 3)`` and the
+    system of each pair (``(P,)`` int64), and the list's pair vectors ``(P, 3)`` as
+    the systems carry them. Every system must carry the list.
+    """
+    samples: list[torch.Tensor] = []
+    vectors: list[torch.Tensor] = []
+    n_pairs: list[int] = []
+    n_atoms: list[int] = []
+    total = 0
+    for system in systems:  # only gathers each system's tensors
+        pairs = system.get_neighbor_list(options)
+        values = pairs.samples.values
+        samples.append(values)
+        vectors.append(pairs.values)
+        n_pairs.append(values.shape[0])
+        n_atoms.append(len(system))
+        total += values.shape[0]
+    joined = torch.cat(samples)
+    device = joined.device
+    pair_system = torch.repeat_interleave(
+        torch.arange(len(systems), device=device),
+        torch.tensor(n_pairs, device=device),
+        output_size=total,
+    )
+    atoms = torch.tensor(n_atoms, device=device)
+    offsets = (torch.cumsum(atoms, 0) - atoms)[pair_system]
+    return (
+        joined[:, 0].to(torch.int64) + offsets,
+        joined[:, 1].to(torch.int64) + offsets,
+        joined[:, 2:5],
+        pair_system,
+        torch.cat(vectors).reshape(-1, 3),
+    )
+
+
+_compiled_neighbor_pairs = lazy_script(neighbor_pairs)  # the Python path calls it compiled
 
 
 def batch_geometry(
-    systems: list[System], cutoff: float, *, positions_grad: bool, strain_grad: bool
+    systems: list[System],
+    cutoff: float | NeighborListOptions,
+    *,
+    positions_grad: bool,
+    strain_grad: bool,
 ) -> BatchGeometry:
-    """Concatenate ``systems`` and find their pairs within ``cutoff`` (full list)."""
+    """Concatenate ``systems`` and gather their pairs (a full list of ``cutoff`` when a
+    number is given), with pair vectors rebuilt differentiably from the positions and,
+    with ``strain_grad``, a strain. Systems lacking the list get it computed and
+    attached (kept for the next call with the same system objects)."""
     if len(systems) == 0:
         raise ValueError("the model needs at least one system")
-    device, dtype = systems[0].positions.device, systems[0].positions.dtype
-    calculator = vesin.NeighborList(cutoff=cutoff, full_list=True)
-    counts = [len(system) for system in systems]
-    offsets = np.cumsum([0, *counts[:-1]])
-    centers, neighbors, shifts, pair_system = [], [], [], []
-    for index, system in enumerate(systems):
-        i, j, s = _pairs(system, calculator)
-        centers.append(i.astype(np.int64) + offsets[index])
-        neighbors.append(j.astype(np.int64) + offsets[index])
-        shifts.append(s)
-        pair_system.append(np.full(len(i), index, dtype=np.int64))
-
-    def to_tensor(arrays: list[np.ndarray], kind: torch.dtype) -> torch.Tensor:
-        return torch.from_numpy(np.concatenate(arrays)).to(device=device, dtype=kind)
-
-    centers_t = to_tensor(centers, torch.int64)
-    neighbors_t = to_tensor(neighbors, torch.int64)
-    shifts_t = to_tensor(shifts, dtype).reshape(-1, 3)
-    pair_system_t = to_tensor(pair_system, torch.int64)
-    atom_system = torch.cat(
-        [torch.full((n,), i, dtype=torch.int64, device=device) for i, n in enumerate(counts)]
+    options = (
+        cutoff
+        if isinstance(cutoff, torch.ScriptObject)
+        else NeighborListOptions(cutoff=float(cutoff), full_list=True, strict=True)
     )
-    atom_index = torch.cat([torch.arange(n, device=device) for n in counts])
+    attach_neighbor_lists(systems, [options])
+    centers, neighbors, shifts, pair_system, _ = _compiled_neighbor_pairs(systems, options)
+    atom_system, atom_index = system_of_atoms(systems)
 
     positions = torch.cat([system.positions for system in systems])
     cells = torch.stack([system.cell for system in systems])
@@ -93,13 +146,15 @@ def batch_geometry(
     strain = None
     displaced, strained_cells = positions, cells
     if strain_grad:
-        strain = torch.zeros((len(systems), 3, 3), dtype=dtype, device=device, requires_grad=True)
+        strain = torch.zeros(
+            (len(systems), 3, 3), dtype=positions.dtype, device=positions.device, requires_grad=True
+        )
         displaced = positions + torch.einsum("na,nab->nb", positions, strain[atom_system])
         strained_cells = cells + torch.einsum("sac,scb->sab", cells, strain)
     vectors = (
-        displaced[neighbors_t]
-        - displaced[centers_t]
-        + torch.einsum("pa,pab->pb", shifts_t, strained_cells[pair_system_t])
+        displaced[neighbors]
+        - displaced[centers]
+        + torch.einsum("pa,pab->pb", shifts.to(positions.dtype), strained_cells[pair_system])
     )
     return BatchGeometry(
         types=torch.cat([system.types for system in systems]),
@@ -107,8 +162,8 @@ def batch_geometry(
         strain=strain,
         atom_system=atom_system,
         atom_index=atom_index,
-        centers=centers_t,
-        neighbors=neighbors_t,
+        centers=centers,
+        neighbors=neighbors,
         vectors=vectors,
         n_systems=len(systems),
     )

@@ -16,9 +16,10 @@ both only in eval mode; here training and eval outputs are the same). Energies g
 forces and stress by autograd through a strain, as :class:`pl_mtt.models.RadialMLP`:
 ``positions`` gradient ``dE/dr`` (samples ``sample, system, atom``) and ``strain``
 gradient ``dE/d(strain)``. The neighbour lists the architecture requests
-(:meth:`requested_neighbor_lists`) are read from the systems when they carry them, and
-computed otherwise; pair vectors are rebuilt from the (strained) positions and cell, so
-the gradients flow through them.
+(:meth:`requested_neighbor_lists`) are read from the systems, which carry them from the
+data layer (computed once per structure); systems without them get them attached. Pair
+vectors are rebuilt from the (strained) positions and cell, so the gradients flow
+through them.
 
 metatrain is an optional extra: ``pip install pl_mtt[metatrain]``. Its training hypers
 (optimizer, learning-rate schedule, clipping) are not read here: see
@@ -40,6 +41,7 @@ from metatomic.torch import ModelOutput, NeighborListOptions, System
 
 from pl_mtt.config import is_energy_like, to_plain
 from pl_mtt.tensormaps.builders import atomistic_tensor_map, range_labels
+from pl_mtt.tensormaps.neighbors import attach_neighbor_lists, requested_neighbor_lists
 from pl_mtt.typecheck import check_value
 
 __all__ = [
@@ -250,7 +252,7 @@ class MetatrainModel(torch.nn.Module):
         self.module.to(_DTYPES[dtype])
         self.targets = [_Target(name, options) for name, options in targets.items()]
         self._outputs = {target.name: target.output for target in self.targets}
-        self._neighbor_lists = _requests(self.module)
+        self._neighbor_lists = requested_neighbor_lists(self.module)
 
     # -- what the model needs and publishes -------------------------------------------
     def requested_neighbor_lists(self) -> list[NeighborListOptions]:
@@ -351,17 +353,6 @@ def _rebuild(
     return model.train(training)
 
 
-def _requests(module: torch.nn.Module) -> list[NeighborListOptions]:
-    found: list[NeighborListOptions] = []
-    for submodule in module.modules():
-        method = getattr(submodule, "requested_neighbor_lists", None)
-        if callable(method):
-            for options in method():
-                if not any(options == known for known in found):
-                    found.append(options)
-    return found
-
-
 class _StrainedBatch:
     """The batch as the architecture sees it: systems whose positions and cells go
     through a zero strain ``ε`` (``x' = x (1 + ε)``, ``h' = h (1 + ε)``) and whose
@@ -399,8 +390,9 @@ class _StrainedBatch:
             System(types=s.types, positions=p, cell=c, pbc=s.pbc)
             for s, p, c in zip(systems, per_system, strained, strict=True)
         ]
+        attach_neighbor_lists(systems, requests)  # only those missing (the data layer's)
         for options in requests:
-            lists = [_neighbor_list(system, options) for system in systems]
+            lists = [system.get_neighbor_list(options) for system in systems]
             blocks = _rebuilt_vectors(lists, displaced, strained, offsets)
             for system, block in zip(self.systems, blocks, strict=True):
                 system.add_neighbor_list(options, block)
@@ -410,25 +402,6 @@ class _StrainedBatch:
             ("positions", self.positions, target.forces),
             ("strain", self.strain, target.stress),
         ]
-
-
-def _neighbor_list(system: System, options: NeighborListOptions) -> TensorBlock:
-    """The list ``system`` carries (from the data layer), or one computed now."""
-    for known in system.known_neighbor_lists():
-        if known == options:
-            return system.get_neighbor_list(options)
-    from vesin.metatomic import NeighborList
-
-    detached = System(
-        types=system.types,
-        positions=system.positions.detach(),
-        cell=system.cell.detach(),
-        pbc=system.pbc,
-    )
-    calculator = NeighborList(options, "angstrom")
-    if detached.positions.device.type != "cpu":
-        return calculator.compute(detached.to(device="cpu")).to(device=system.positions.device)
-    return calculator.compute(detached)
 
 
 def _rebuilt_vectors(

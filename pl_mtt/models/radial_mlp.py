@@ -4,6 +4,14 @@ radial descriptors (:class:`RadialDescriptor`) -> per-atom MLP -> sum over the a
 each structure. Energies get forces and strain gradients by autograd, published as the
 ``positions``/``strain`` gradient blocks of the target's TensorMap.
 
+Neighbour pairs are read from the systems' neighbour lists
+(``system.get_neighbor_list``), declared by :meth:`RadialMLP.requested_neighbor_lists`:
+the data layer attaches them once per structure (:mod:`pl_mtt.tensormaps.neighbors`), a
+simulation engine for every step; systems without them get them computed on the way.
+:meth:`RadialMLP.raw_outputs` is the TorchScript path with metatomic's signature (no
+gradients: an engine differentiates the energy itself), which
+:func:`pl_mtt.interop.export_model` wraps with the scales and the baseline.
+
 .. code-block:: yaml
 
     model:                              # energy with forces and stress (the default)
@@ -28,13 +36,14 @@ each structure. Energies get forces and strain gradients by autograd, published 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
-from metatensor.torch import TensorMap
-from metatomic.torch import System
+from metatensor.torch import Labels, TensorBlock, TensorMap
+from metatomic.torch import ModelOutput, NeighborListOptions, System
 
 from pl_mtt.models.descriptor import RadialDescriptor
-from pl_mtt.models.geometry import BatchGeometry, batch_geometry
+from pl_mtt.models.geometry import BatchGeometry, batch_geometry, neighbor_pairs, system_of_atoms
 from pl_mtt.models.outputs import ensemble_properties
 from pl_mtt.tensormaps.builders import atomistic_tensor_map, ensemble_output_name, range_labels
 
@@ -66,6 +75,9 @@ class RadialMLP(torch.nn.Module):
             default ``None``: when the module is in training mode.
         dtype: ``"float64"`` or ``"float32"``; systems must have the same dtype.
     """
+
+    # Python-side descriptions, not compiled by TorchScript
+    __jit_unused_properties__ = ["output_names", "gradients", "cutoff"]  # noqa: RUF012
 
     def __init__(
         self,
@@ -119,7 +131,22 @@ class RadialMLP(torch.nn.Module):
         self.mlp = torch.nn.Sequential(*layers)
         # the last layer: one linear map for all ensemble members (no loop over members)
         self.last_layer = torch.nn.Linear(width, max(self.ensemble_size, 1) * self.num_properties)
+        self._set_derived()
         self.to(_DTYPES[dtype])
+
+    def _set_derived(self) -> None:
+        """Attributes derived from the arguments (also set on models unpickled from
+        files written before they existed)."""
+        self.neighbor_list = NeighborListOptions(
+            cutoff=self.descriptor.cutoff, full_list=True, strict=True, requestor="RadialMLP"
+        )
+        self.ensemble_name = ensemble_output_name(self.target)
+        self.property_name = "energy" if self.quantity == "energy" else "properties"
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "neighbor_list" not in self.__dict__:
+            self._set_derived()
 
     # -- what the model publishes ---------------------------------------------------
     @property
@@ -127,7 +154,7 @@ class RadialMLP(torch.nn.Module):
         """Names of the outputs of :meth:`forward`."""
         names = [self.target]
         if self.ensemble_size >= 2:
-            names.append(ensemble_output_name(self.target))
+            names.append(self.ensemble_name)
         return names
 
     @property
@@ -139,7 +166,27 @@ class RadialMLP(torch.nn.Module):
     def cutoff(self) -> float:
         return self.descriptor.cutoff
 
-    # -- forward --------------------------------------------------------------------
+    def requested_neighbor_lists(self) -> list[NeighborListOptions]:
+        """The full, strict neighbour list of the cutoff (metatomic's convention)."""
+        return [self.neighbor_list]
+
+    # -- the per-atom network (TorchScript) -------------------------------------------
+    def atom_values(
+        self,
+        types: torch.Tensor,
+        centers: torch.Tensor,
+        neighbors: torch.Tensor,
+        vectors: torch.Tensor,
+    ) -> torch.Tensor:
+        """``(N, members, num_properties)`` per-atom outputs (``members = 1`` without
+        an ensemble) from the atoms' types and their pairs (see
+        :meth:`RadialDescriptor.forward`)."""
+        hidden = self.mlp(self.descriptor(types, centers, neighbors, vectors))
+        members = max(self.ensemble_size, 1)
+        return self.last_layer(hidden).reshape(-1, members, self.num_properties)
+
+    # -- training forward (Python) ----------------------------------------------------
+    @torch.jit.unused
     def forward(self, systems: list[System]) -> dict[str, TensorMap]:
         """Predictions for a batch: ``{target: TensorMap, [ensemble output: TensorMap]}``."""
         dtype = self.last_layer.weight.dtype
@@ -160,16 +207,16 @@ class RadialMLP(torch.nn.Module):
         retain_graph = create_graph or outer_grad
         with torch.set_grad_enabled(outer_grad or needs_grad):
             geometry = batch_geometry(
-                systems, self.cutoff, positions_grad=self.forces, strain_grad=self.stress
+                systems, self.neighbor_list, positions_grad=self.forces, strain_grad=self.stress
             )
-            hidden = self.mlp(self.descriptor(geometry))
-            members = max(self.ensemble_size, 1)
-            per_atom = self.last_layer(hidden).reshape(-1, members, self.num_properties)
+            per_atom = self.atom_values(
+                geometry.types, geometry.centers, geometry.neighbors, geometry.vectors
+            )
             if self.per_atom:
                 values = per_atom
             else:
                 values = torch.zeros(
-                    (geometry.n_systems, members, self.num_properties),
+                    (geometry.n_systems, *per_atom.shape[1:]),
                     dtype=per_atom.dtype,
                     device=per_atom.device,
                 ).index_add(0, geometry.atom_system, per_atom)
@@ -183,6 +230,7 @@ class RadialMLP(torch.nn.Module):
             member_gradients = {n: g.detach() for n, g in member_gradients.items()}
         return self._outputs(geometry, mean, values, gradients, member_gradients)
 
+    @torch.jit.unused
     def _gradients(
         self,
         geometry: BatchGeometry,
@@ -226,6 +274,7 @@ class RadialMLP(torch.nn.Module):
         }
         return mean_grads, member_grads
 
+    @torch.jit.unused
     def _outputs(
         self,
         geometry: BatchGeometry,
@@ -235,7 +284,7 @@ class RadialMLP(torch.nn.Module):
         member_gradients: dict[str, torch.Tensor],
     ) -> dict[str, TensorMap]:
         device = mean.device
-        name = "energy" if self.quantity == "energy" else "properties"
+        name = self.property_name
         atoms = {
             "per_atom": self.per_atom,
             "atom_system": geometry.atom_system,
@@ -251,7 +300,7 @@ class RadialMLP(torch.nn.Module):
             )
         }
         if self.ensemble_size >= 2:
-            outputs[ensemble_output_name(self.target)] = atomistic_tensor_map(
+            outputs[self.ensemble_name] = atomistic_tensor_map(
                 values.reshape(values.shape[0], -1),
                 ensemble_properties(name, self.ensemble_size, self.num_properties, device),
                 positions_gradient=member_gradients.get("positions"),
@@ -259,3 +308,84 @@ class RadialMLP(torch.nn.Module):
                 **atoms,
             )
         return outputs
+
+    # -- raw outputs for simulation engines (TorchScript) -----------------------------
+    def raw_outputs(
+        self,
+        systems: list[System],
+        outputs: dict[str, ModelOutput],
+        selected_atoms: Labels | None = None,
+    ) -> dict[str, TensorMap]:
+        """The requested outputs (the target and/or its ensemble) in the model's raw,
+        scaled and baseline-free units, with metatomic's signature and no gradient
+        blocks: pair vectors are the neighbour lists' own, so an engine that registered
+        them with autograd differentiates the energy itself.
+
+        An output requested with ``sample_kind="atom"`` (or a per-atom model) gives one
+        row per atom (samples ``system, atom``), otherwise per-atom values are summed per
+        system. ``selected_atoms`` (``system, atom``) keeps only those atoms' values.
+        """
+        result: dict[str, TensorMap] = {}
+        if len(systems) == 0:
+            return result
+        centers, neighbors, _, _, vectors = neighbor_pairs(systems, self.neighbor_list)
+        types = torch.cat([system.types for system in systems])
+        atom_system, atom_index = system_of_atoms(systems)
+        values = self.atom_values(types, centers, neighbors, vectors)
+        members, n_properties = values.shape[1], values.shape[2]
+        device = values.device
+        if selected_atoms is not None:
+            keep = _selection_mask(selected_atoms, atom_system, atom_index, len(systems))
+            values = values[keep]
+            atom_system, atom_index = atom_system[keep], atom_index[keep]
+        for name, request in outputs.items():
+            is_ensemble = name == self.ensemble_name and self.ensemble_size >= 2
+            if name != self.target and not is_ensemble:
+                continue
+            if is_ensemble:
+                flat = values.reshape(values.shape[0], members * n_properties)
+                properties = _member_labels(self.property_name, members, n_properties, device)
+            else:
+                flat = values.mean(dim=1)
+                properties = _range_labels(self.property_name, n_properties, device)
+            if self.per_atom or request.sample_kind == "atom":
+                samples = Labels(
+                    ["system", "atom"],
+                    torch.stack([atom_system, atom_index], dim=1).to(torch.int32),
+                )
+            else:
+                flat = torch.zeros(
+                    (len(systems), flat.shape[1]), dtype=flat.dtype, device=device
+                ).index_add(0, atom_system, flat)
+                samples = _range_labels("system", len(systems), device)
+            block = TensorBlock(flat, samples, [], properties)
+            result[name] = TensorMap(_range_labels("_", 1, device), [block])
+        return result
+
+
+def _range_labels(name: str, n: int, device: torch.device) -> Labels:
+    """``Labels([name], 0..n-1)``. TorchScript."""
+    values = torch.arange(n, dtype=torch.int32, device=device).reshape(-1, 1)
+    return Labels([name], values)
+
+
+def _member_labels(name: str, members: int, n_properties: int, device: torch.device) -> Labels:
+    """``Labels(["member", name])``, member-major. TorchScript."""
+    member = torch.arange(members, dtype=torch.int32, device=device)
+    index = torch.arange(n_properties, dtype=torch.int32, device=device)
+    grid = torch.stack([member.repeat_interleave(n_properties), index.repeat(members)], dim=1)
+    return Labels(["member", name], grid)
+
+
+def _selection_mask(
+    selected_atoms: Labels, atom_system: torch.Tensor, atom_index: torch.Tensor, n_systems: int
+) -> torch.Tensor:
+    """``(N,)`` bool: whether each atom of the batch is in ``selected_atoms``. TorchScript."""
+    n_atoms = atom_system.shape[0]
+    starts = torch.zeros(n_systems + 1, dtype=torch.int64, device=atom_system.device)
+    starts = starts.index_add(0, atom_system + 1, torch.ones_like(atom_system)).cumsum(0)
+    system = selected_atoms.column("system").to(torch.int64)
+    atom = selected_atoms.column("atom").to(torch.int64)
+    keep = torch.zeros(n_atoms, dtype=torch.bool, device=atom_system.device)
+    keep[starts[system] + atom] = True
+    return keep

@@ -1,5 +1,6 @@
 """Helpers on metatensor objects shared by the whole package: TensorMap builders and
-layout facts, TorchScript block operations, and per-batch atom bookkeeping.
+layout facts, TorchScript block operations, per-batch atom bookkeeping, and the
+neighbour lists models request from their systems.
 """
 
 from pl_mtt.tensormaps.batch_atoms import MAX_ATOMIC_NUMBER, BatchAtoms, TypeTable
@@ -23,6 +24,11 @@ from pl_mtt.tensormaps.builders import (
     value_blocks,
     zero_sample_layout,
 )
+from pl_mtt.tensormaps.neighbors import (
+    attach_neighbor_lists,
+    has_neighbor_lists,
+    requested_neighbor_lists,
+)
 
 __all__ = [
     "ATOM_PAIR",
@@ -32,13 +38,16 @@ __all__ = [
     "BatchAtoms",
     "TypeTable",
     "atomistic_tensor_map",
+    "attach_neighbor_lists",
     "ensemble_output_name",
     "flat_values",
     "grouped_sums",
+    "has_neighbor_lists",
     "layout_signature",
     "lazy_script",
     "range_labels",
     "rebuild_block",
+    "requested_neighbor_lists",
     "sample_kind",
     "shape_signature",
     "transform_map",
