@@ -48,6 +48,7 @@ from pl_mtt.interop import (
 )
 from pl_mtt.registry import loss_type_names
 from pl_mtt.training.callbacks import ScalerCallback
+from pl_mtt.training.epoch_log import EpochLog
 from pl_mtt.training.evaluation import collect
 from pl_mtt.training.plots import dos_overlays, learning_curves, parity_plots, write_metrics_table
 from pl_mtt.training.schema import register_configs
@@ -263,7 +264,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     checkpoint = ModelCheckpoint(
         dirpath=str(run_dir / "checkpoints"), monitor="val/loss", save_last=True
     )
-    callbacks: list = [checkpoint]
+    callbacks: list = [checkpoint, EpochLog()]
     if cfg.scaler.scale_targets:
         callbacks.append(_scaler_callback(cfg, list(task.dos_targets)))
     trainer = _trainer(cfg, run_dir, callbacks)
