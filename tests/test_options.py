@@ -375,3 +375,23 @@ def test_missing_files_and_architectures(files, monkeypatch):
     options["architecture"]["name"] = "pet"
     with pytest.raises(ImportError, match=r"pip install 'pl_mtt\[metatrain\]'"):
         translate(files, options)
+
+
+def test_dry_run_prints_the_merged_config_and_stops(files, capsys, monkeypatch, tmp_path):
+    from pl_mtt.training.app import run
+
+    monkeypatch.chdir(tmp_path)
+    options = base(files, print_stats=True)
+    options["architecture"]["training"] = {"num_epochs": 9}
+    cfg = composed(write(files, options), "trainer.max_epochs=3", "dry_run=true")
+    result = run(cfg)
+    printed = capsys.readouterr().out
+    config_text = printed.split("# expanded loss config")[0]
+    merged = yaml.safe_load(config_text[config_text.index("\ndata:") + 1 :])
+    assert merged["trainer"]["max_epochs"] == 3
+    assert merged["model"]["architecture"] == "soap_bpnn"
+    assert merged["optimizer"]["schedule"] == "warmup_cosine"
+    assert printed.count("keys pl_mtt does not act on") == 1
+    assert "print_stats" in printed
+    assert set(result["loss"]["energy"]["gradients"]) == {"positions", "strain"}
+    assert not list(tmp_path.iterdir())  # nothing trained, nothing written
