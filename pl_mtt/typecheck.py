@@ -127,6 +127,18 @@ def _bound_text(meta: Any) -> str:
     return ", ".join(parts)
 
 
+# strict checks of plain types: bool is not a number, an int is a valid float
+_PLAIN = {
+    type(None): lambda v: v is None,
+    bool: lambda v: isinstance(v, bool),
+    int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+    float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    str: lambda v: isinstance(v, str),
+    list: lambda v: isinstance(v, list),
+    dict: lambda v: isinstance(v, Mapping),
+}
+
+
 def _fail(path: str, annotation: Any, value: Any) -> ValueError:
     return ValueError(
         f"{path}: expected {describe(annotation)}, got {value!r} ({type(value).__name__})"
@@ -138,28 +150,10 @@ def check_value(value: Any, annotation: Any, path: str) -> None:
     annotation = _unwrap(annotation)
     if annotation is Any:
         return
-    if annotation in (None, type(None)):
-        if value is not None:
-            raise _fail(path, annotation, value)
-        return
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise _fail(path, annotation, value)
-        return
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _fail(path, annotation, value)
-        return
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _fail(path, annotation, value)
-        return
-    if annotation is str:
-        if not isinstance(value, str):
-            raise _fail(path, annotation, value)
-        return
-    if annotation in (list, dict):
-        if not isinstance(value, list if annotation is list else Mapping):
+    if annotation is None:
+        annotation = type(None)
+    if annotation in _PLAIN:
+        if not _PLAIN[annotation](value):
             raise _fail(path, annotation, value)
         return
     if _is_typed_dict(annotation):

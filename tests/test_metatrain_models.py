@@ -180,15 +180,8 @@ def test_bad_hypers_name_the_key():
         MetatrainModel("pet")
 
 
-def test_missing_metatrain_says_what_to_install(monkeypatch):
-    real = importlib.import_module
-
-    def without_metatrain(name, *args, **kwargs):
-        if name.startswith("metatrain"):
-            raise ModuleNotFoundError(f"No module named '{name}'")
-        return real(name, *args, **kwargs)
-
-    monkeypatch.setattr(importlib, "import_module", without_metatrain)
+@pytest.mark.usefixtures("without_metatrain")
+def test_missing_metatrain_says_what_to_install():
     with pytest.raises(ImportError, match=r"pip install 'pl_mtt\[metatrain\]'"):
         MetatrainModel("pet", targets=ENERGY, atomic_types=[29])
 

@@ -343,7 +343,7 @@ def test_files_metatrain_accepts_are_accepted(files):
     assert translation.config["trainer"]["precision"] == "64-true"
 
 
-def test_missing_files_and_architectures(files, monkeypatch):
+def test_missing_files_and_architectures(files, request):
     with pytest.raises(ValueError, match=r"options file '.*nowhere\.yaml' does not exist"):
         translate_options(files["dir"] / "nowhere.yaml")
     options = base(files)
@@ -364,14 +364,7 @@ def test_missing_files_and_architectures(files, monkeypatch):
             with pytest.raises(ImportError, match=rf"(?s)'{name}' cannot be imported.*pip install"):
                 translate(files, options)
             break
-    real = importlib.import_module
-
-    def without_metatrain(name, *args, **kwargs):
-        if name.startswith("metatrain"):
-            raise ModuleNotFoundError(f"No module named '{name}'")
-        return real(name, *args, **kwargs)
-
-    monkeypatch.setattr(importlib, "import_module", without_metatrain)
+    request.getfixturevalue("without_metatrain")
     options["architecture"]["name"] = "pet"
     with pytest.raises(ImportError, match=r"pip install 'pl_mtt\[metatrain\]'"):
         translate(files, options)
