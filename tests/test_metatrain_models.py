@@ -276,6 +276,10 @@ def test_one_training_step_under_lightning(architecture, optimizer, emt_data):
     )
     trainer.fit(task, emt_data)
     assert task.scaler.fitted
+    # the lists the architecture reads were attached to the data's structures (once)
+    (requested,) = model.requested_neighbor_lists()
+    for system in emt_data.train_dataset.systems:
+        assert any(requested == known for known in system.known_neighbor_lists())
     changed = [not torch.equal(before[k], v) for k, v in model.named_parameters()]
     assert any(changed)
     optimizer_used = trainer.optimizers[0]

@@ -300,7 +300,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     data = _datamodule(cfg)
     path, _, extra = data._sources()
     targets = training_targets(cfg) or task.target_options
-    dataset = AtomisticDataset.from_file(path, targets, extra, dtype=data.dtype)
+    # the structures in the dtype of the checkpoint's model (float32 for metatrain's)
+    dtype = next(task.model.parameters(), torch.empty(0, dtype=data.dtype)).dtype
+    dataset = AtomisticDataset.from_file(path, targets, extra, dtype=dtype)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=cfg.data.batch_size, collate_fn=collate, shuffle=False
     )
