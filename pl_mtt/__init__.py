@@ -5,8 +5,8 @@
 - :class:`LossModule`: the weighted loss a ``training_step`` calls;
 - :mod:`pl_mtt.scaling`: :class:`Scaler`, :class:`CompositionModel`, their one-pass fit
   and the pipeline between data, model and loss;
-- :mod:`pl_mtt.training`: :class:`ScalerCallback`, :class:`AtomisticTask`, metrics and
-  the Hydra app (``python -m pl_mtt.train``);
+- :mod:`pl_mtt.training`: :class:`ScalerCallback`, :class:`LossScheduleCallback`,
+  :class:`AtomisticTask`, metrics and the Hydra app (``python -m pl_mtt.train``);
 - :mod:`pl_mtt.data`, :mod:`pl_mtt.models`: readers and datamodule, reference models;
 - :mod:`pl_mtt.tensormaps`: helpers on metatensor objects.
 """
@@ -15,7 +15,13 @@ from pl_mtt import _legacy_paths, scaling
 from pl_mtt.config import expand_loss_config
 from pl_mtt.loss_module import LossModule
 from pl_mtt.scaling import CompositionModel, Scaler, fit_pass
-from pl_mtt.training import AtomisticTask, InferenceModel, PhysicalMetrics, ScalerCallback
+from pl_mtt.training import (
+    AtomisticTask,
+    InferenceModel,
+    LossScheduleCallback,
+    PhysicalMetrics,
+    ScalerCallback,
+)
 
 _legacy_paths.install()
 
@@ -24,6 +30,7 @@ __all__ = [
     "CompositionModel",
     "InferenceModel",
     "LossModule",
+    "LossScheduleCallback",
     "PhysicalMetrics",
     "Scaler",
     "ScalerCallback",

@@ -39,6 +39,7 @@ __all__ = [
     "gradient_alias",
     "is_energy_like",
     "requested_gradients",
+    "restrict_loss_to_targets",
     "to_plain",
 ]
 
@@ -242,6 +243,35 @@ def _expand_term(
     return term
 
 
+def _given_gradients(
+    spec: Mapping[str, Any], path: str, energy_like: bool
+) -> dict[str, tuple[str, Any]]:
+    """Gradient name -> (its key under the target, its loss term) as a target's loss
+    entry gives them: ``forces``/``stress``/``virial`` (energy-like targets) and the
+    ``gradients`` mapping."""
+    given: dict[str, tuple[str, Any]] = {}
+    for key, gradient in MLIP_GRADIENT_KEYS.items():
+        if key not in spec or not energy_like:
+            continue
+        if gradient in given:
+            raise ValueError(f"{path}: give either 'stress' or 'virial', not both")
+        given[gradient] = (key, spec[key])
+    explicit = spec.get("gradients")
+    if explicit is not None:
+        if not isinstance(explicit, Mapping):
+            raise ValueError(
+                f"{path}.gradients: expected a mapping of gradient name -> loss term, "
+                f"got {explicit!r}"
+            )
+        for gradient, gradient_spec in explicit.items():
+            if gradient in given:
+                raise ValueError(
+                    f"{path}.gradients.{gradient}: already given as '{path}.{given[gradient][0]}'"
+                )
+            given[gradient] = (f"gradients.{gradient}", gradient_spec)
+    return given
+
+
 def _expand_target(name: str, spec: Any, options: Mapping[str, Any], gradients: list[str]) -> dict:
     path = f"loss.{name}"
     energy_like = is_energy_like(name, options)
@@ -256,29 +286,10 @@ def _expand_target(name: str, spec: Any, options: Mapping[str, Any], gradients: 
             )
     extra_keys = ("gradients", *MLIP_GRADIENT_KEYS) if energy_like else ("gradients",)
     term = _expand_term(spec, path, allowed_extra=extra_keys)
-    spec = mapping
-
-    given: dict[str, tuple[str, Any]] = {}  # gradient name -> (key path, spec)
-    for key, gradient in MLIP_GRADIENT_KEYS.items():
-        if key not in spec:
-            continue
-        if gradient in given:
-            raise ValueError(f"{path}: give either 'stress' or 'virial', not both")
-        given[gradient] = (f"{path}.{key}", spec[key])
-
-    explicit = spec.get("gradients")
-    if explicit is not None:
-        if not isinstance(explicit, Mapping):
-            raise ValueError(
-                f"{path}.gradients: expected a mapping of gradient name -> loss term, "
-                f"got {explicit!r}"
-            )
-        for gradient, gradient_spec in explicit.items():
-            if gradient in given:
-                raise ValueError(
-                    f"{path}.gradients.{gradient}: already given as '{given[gradient][0]}'"
-                )
-            given[gradient] = (f"{path}.gradients.{gradient}", gradient_spec)
+    given = {  # gradient name -> (key path, spec)
+        gradient: (f"{path}.{key}", gradient_spec)
+        for gradient, (key, gradient_spec) in _given_gradients(mapping, path, energy_like).items()
+    }
 
     for gradient, (gradient_path, _) in given.items():
         if gradient not in gradients:
@@ -351,3 +362,180 @@ def expand_loss_config(loss: Any, targets: Mapping[str, Any]) -> dict[str, dict]
         name: _expand_target(name, loss.get(name), targets[name] or {}, target_gradients[name])
         for name in targets
     }
+
+
+def _rename_path(error: ValueError, path: str) -> ValueError:
+    """The error of an expansion with its key paths under ``path`` instead of ``loss``."""
+    message = str(error)
+    if path != "loss" and (message.startswith("loss.") or message.startswith("loss:")):
+        message = path + message[len("loss") :]
+    return ValueError(message)
+
+
+def _merge_term(base: Mapping[str, Any], override: Any, path: str) -> dict:
+    """``override`` (a type name, a mapping of fields, or None) over one expanded term.
+
+    Fields not given keep their base value. A new type drops the parameters of the old
+    type (weight and reduction are kept); the new type's parameters take the given
+    values or their defaults.
+    """
+    if override is False:
+        raise ValueError(f"{path}: a term cannot be removed here (set its weight to 0.0 instead)")
+    if override is None:
+        override = {}
+    elif isinstance(override, str):
+        override = {"type": override}
+    elif not isinstance(override, Mapping):
+        raise ValueError(
+            f"{path}: expected a loss type name or a mapping of term fields, got {override!r}"
+        )
+    merged = {k: v for k, v in base.items() if k != "gradients"}
+    if "type" in override and override["type"] != base["type"]:
+        merged = {k: merged[k] for k in ("weight", "reduction")}
+    merged.update(override)
+    return merged
+
+
+def merge_loss_config(
+    base: Any, override: Any, targets: Mapping[str, Any], path: str = "loss"
+) -> dict[str, dict]:
+    """``override``, a partial loss config in any form, merged over ``base``; the result
+    in the internal form (as :func:`expand_loss_config`).
+
+    Only what ``override`` gives changes: ``{energy: {forces: {weight: 10.0}}}`` changes
+    one weight; a type name (``forces: mae``) changes a type and keeps the weight; a
+    global shorthand (``mae``) changes every type. The terms stay the same: naming a
+    target or gradient without a term in ``base`` is an error (``path`` prefixes the
+    key paths of errors, e.g. ``loss_schedule[0].loss``).
+
+    .. code-block:: python
+
+        merge_loss_config({"energy": {"forces": "mae"}}, {"energy": {"weight": 10.0}},
+                          {"energy": {"quantity": "energy", "forces": True}})
+        # energy: mse, weight 10.0; energy/forces: mae, weight 1.0
+    """
+    targets = to_plain(targets) or {}
+    expanded = expand_loss_config(base, targets)
+    override = to_plain(override)
+    if override is None:
+        return expanded
+
+    def terms_of(name: str) -> str:
+        gradients = expanded[name]["gradients"]
+        names = [name, *(f"{name}/{gradient_alias(name, targets[name], g)}" for g in gradients)]
+        return ", ".join(names)
+
+    merged: dict[str, dict] = {}
+    if isinstance(override, str):
+        for name, entry in expanded.items():
+            merged[name] = _merge_term(entry, override, path)
+            merged[name]["gradients"] = {
+                g: _merge_term(term, override, path) for g, term in entry["gradients"].items()
+            }
+    elif isinstance(override, Mapping):
+        for name in override:
+            if name not in expanded:
+                names = list(expanded)
+                raise ValueError(
+                    f"{path}.{name}: '{name}' has no term in the loss, and terms cannot be "
+                    f"added here. Terms exist for: {_expected_list(names) or 'none'}."
+                    f"{_suggest(name, names)}"
+                )
+        for name, entry in expanded.items():
+            spec = override.get(name)
+            target_path = f"{path}.{name}"
+            energy_like = is_energy_like(name, targets[name])
+            mapping = spec if isinstance(spec, Mapping) else {}
+            gradient_specs = _given_gradients(mapping, target_path, energy_like)
+            for gradient, (key, _) in gradient_specs.items():
+                if gradient not in entry["gradients"]:
+                    raise ValueError(
+                        f"{target_path}.{key}: target '{name}' has no '{gradient}' gradient "
+                        f"term in the loss, and terms cannot be added here. Terms of "
+                        f"'{name}': {terms_of(name)}"
+                    )
+            own = {
+                k: v
+                for k, v in mapping.items()
+                if k != "gradients" and not (energy_like and k in MLIP_GRADIENT_KEYS)
+            }
+            term = _merge_term(entry, spec if isinstance(spec, (str, bool)) else own, target_path)
+            gradients, renamed = {}, {}
+            for gradient, gradient_term in entry["gradients"].items():
+                key, gradient_spec = gradient_specs.get(gradient, (None, None))
+                value = _merge_term(gradient_term, gradient_spec, f"{target_path}.{key}")
+                if key in MLIP_GRADIENT_KEYS:
+                    renamed[key] = value  # errors name the key the override used
+                else:
+                    gradients[gradient] = value
+            merged[name] = {**term, **renamed, "gradients": gradients}
+    else:
+        raise ValueError(
+            f"{path}: expected a loss type name or a mapping of target name -> loss term, "
+            f"got {type(override).__name__} {override!r}"
+        )
+    try:
+        return expand_loss_config(merged, targets)
+    except ValueError as error:
+        raise _rename_path(error, path) from None
+
+
+def _named(path: tuple[str, ...], keep: Sequence[tuple[str, ...]]) -> bool:
+    """Whether ``path`` (or an entry inside it, or one around it) is in ``keep``."""
+    return any(path[: len(k)] == k or k[: len(path)] == path for k in keep)
+
+
+def restrict_loss_to_targets(
+    loss: Any, targets: Mapping[str, Any], keep: Sequence[Sequence[str]] = ()
+) -> tuple[Any, list[str]]:
+    """A loss config without the entries for data the training targets do not provide.
+
+    A default loss (e.g. the app's ``mlip``: energy, forces and stress) can then serve
+    any file: entries for a target that is not trained, or for a gradient the target
+    does not provide (``forces``/``stress``/``virial`` of an energy, or a name under
+    ``gradients``) are removed. Entries whose key path (without ``loss.``) is in
+    ``keep``, or lies inside or around one that is, stay, so that
+    :func:`expand_loss_config` reports them as errors: what a user wrote explicitly is
+    never dropped. A global shorthand (``"mse"``) already covers exactly the targets.
+
+    .. code-block:: python
+
+        restrict_loss_to_targets(
+            {"energy": {"type": "mse", "forces": "mse", "stress": "mse"}},
+            {"energy": {"quantity": "energy", "forces": True, "stress": False}},
+        )  # -> ({"energy": {"type": "mse", "forces": "mse"}}, ["loss.energy.stress"])
+
+    Returns:
+        ``(loss, dropped)``: the restricted config (plain containers) and the key paths
+        of the removed entries (``loss.energy.stress``), to be reported.
+    """
+    loss, targets = to_plain(loss), to_plain(targets) or {}
+    keep = [tuple(str(part) for part in path) for path in keep]
+    if not isinstance(loss, Mapping):
+        return loss, []
+    restricted: dict[str, Any] = {}
+    dropped: list[str] = []
+    for name, spec in loss.items():
+        if name not in targets and not _named((name,), keep):
+            dropped.append(f"loss.{name}")
+            continue
+        if name not in targets or not isinstance(spec, Mapping):
+            restricted[name] = spec
+            continue
+        provided = requested_gradients(name, targets[name])
+        spec = dict(spec)
+        if is_energy_like(name, targets[name]):
+            for key, gradient in MLIP_GRADIENT_KEYS.items():
+                if key in spec and gradient not in provided and not _named((name, key), keep):
+                    del spec[key]
+                    dropped.append(f"loss.{name}.{key}")
+        gradients = spec.get("gradients")
+        if isinstance(gradients, Mapping):
+            spec["gradients"] = {}
+            for gradient, term in gradients.items():
+                if gradient in provided or _named((name, "gradients", gradient), keep):
+                    spec["gradients"][gradient] = term
+                else:
+                    dropped.append(f"loss.{name}.gradients.{gradient}")
+        restricted[name] = spec
+    return restricted, dropped

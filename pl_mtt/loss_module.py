@@ -281,6 +281,67 @@ class LossModule(torch.nn.Module):
         """
         return [name for name, term in self.terms.items() if term.compile_core(mode)]
 
+    def reconfigure(self, loss: Any) -> list[str]:
+        """Give the terms the weights, types and parameters of ``loss``: a full loss
+        config in any form, expanded against this module's targets (unlisted fields take
+        their defaults; merge a partial config first with
+        :func:`pl_mtt.config.merge_loss_config`). The terms stay the same. New weights
+        apply from the next call; a term whose type, reduction or parameters change is
+        rebuilt and its epoch aggregate starts again from zero. Returns the names of the
+        rebuilt terms.
+
+        .. code-block:: python
+
+            stage = {"energy": {"weight": 1000.0, "forces": {"weight": 10.0}}}
+            loss.reconfigure(merge_loss_config(loss.config, stage, loss.target_options))
+        """
+        config = expand_loss_config(loss, self.target_options)
+        changes = []  # (index, new spec, rebuild?) in term order
+        for target, entry in config.items():
+            specs = [(None, entry, self.config[target])]
+            specs += [
+                (g, spec, self.config[target]["gradients"][g])
+                for g, spec in entry["gradients"].items()
+            ]
+            for gradient, spec, old in specs:
+                index = len(changes)
+                term = self.term_list[index]
+                if (term.target, term.gradient) != (target, gradient):
+                    raise ValueError(  # not reachable through the grammar: same targets
+                        f"LossModule.reconfigure: the new loss has other terms than "
+                        f"{self.term_names}"
+                    )
+                if spec["reduction"] == "none":
+                    raise ValueError(
+                        f"LossModule.reconfigure: term {self.term_names[index]} needs "
+                        f"reduction 'mean' or 'sum', got 'none'"
+                    )
+                kept = ("weight", "gradients")
+                rebuild = {k: v for k, v in spec.items() if k not in kept} != {
+                    k: v for k, v in old.items() if k not in kept
+                }
+                changes.append((index, target, gradient, spec, rebuild))
+        rebuilt = []
+        self.aggregate.flush()
+        for index, target, gradient, spec, rebuild in changes:
+            old = self.term_list[index]
+            if not rebuild:
+                old.weight = float(spec["weight"])
+                continue
+            params = {k: v for k, v in spec.items() if k not in ("type", "gradients")}
+            term = create_loss(spec["type"], name=target, gradient=gradient, **params)
+            if old.compile_mode is not None:
+                term.compile_core(old.compile_mode)
+            self.term_list[index] = term
+            self._reads[index] = (term.target, term.prediction_key)
+            self.aggregate.totals[:, index] = 0.0
+            self.aggregate.is_sum[index] = term.reduction == "sum"
+            rebuilt.append(self.term_names[index])
+        self.config = config
+        self._steps.clear()  # they hold the weights and the groups of terms
+        self._property_scaled.clear()
+        return rebuilt
+
     @property
     def terms(self) -> dict[str, LossTerm]:
         """Term name -> term (``energy``, ``energy/forces``, ...)."""

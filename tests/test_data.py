@@ -217,7 +217,7 @@ def test_missing_key_names_key_and_structure(tmp_path):
 
 def test_unreadable_and_missing_files(tmp_path):
     bad = tmp_path / "bad.xyz"
-    bad.write_text("3\nnot an extxyz header\nCu 0 0\n")
+    bad.write_text("1\nnot an extxyz header\nCu 0 zero\n")
     with pytest.raises(ValueError, match=r"could not read structures from '.*bad\.xyz'"):
         AtomisticDataset.from_file(bad, {"energy": {}})
     with pytest.raises(ValueError, match=r"'.*missing\.xyz' does not exist"):
@@ -447,7 +447,7 @@ def test_split_indices_deterministic_and_disjoint():
     assert sorted(train + val + test) == list(range(20))
     assert split_indices(20, 0.1, 0.2, seed=3) == (train, val, test)
     assert split_indices(20, 0.1, 0.2, seed=4) != (train, val, test)
-    with pytest.raises(ValueError, match="no training set"):
+    with pytest.raises(ValueError, match="cannot give a training split"):
         split_indices(4, 0.5, 0.5, seed=0)
 
 

@@ -9,7 +9,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from pl_mtt import expand_loss_config
-from pl_mtt.training.app import config_dir, merge_loss_shorthand_overrides, training_targets
+from pl_mtt.registry import loss_type_names
+from pl_mtt.training.app import assumed_targets, config_dir, merge_loss_shorthand_overrides
 from pl_mtt.training.schema import register_configs
 
 MSE = {"type": "mse", "weight": 1.0, "reduction": "mean"}
@@ -25,7 +26,7 @@ def composed(*overrides: str):
 
 def expanded_loss(*overrides: str) -> dict:
     cfg = composed(*overrides)
-    return expand_loss_config(cfg.loss, training_targets(cfg))
+    return expand_loss_config(cfg.loss, assumed_targets(cfg))
 
 
 def test_default_loss_is_mlip_energy_forces_stress():
@@ -86,7 +87,7 @@ def test_every_trainer_argument_is_configurable():
 )
 def test_loss_groups_expand(group, targets, expected_types):
     cfg = composed(f"loss={group}")
-    loss = expand_loss_config(cfg.loss, targets or training_targets(cfg))
+    loss = expand_loss_config(cfg.loss, targets or assumed_targets(cfg))
     assert {name: entry["type"] for name, entry in loss.items()} == expected_types
 
 
@@ -144,10 +145,22 @@ def test_entry_point_multirun(tmp_path, run_python):
 
 
 def test_entry_point_rejects_a_bad_loss_before_training(tmp_path, run_python):
-    result = run_python(["-m", "pl_mtt.train", "loss.energy.forces=msa"], cwd=tmp_path)
-    assert result.returncode != 0
-    assert "loss.energy.forces.type: unknown loss type 'msa'" in result.stderr
-    assert "Did you mean 'mse'?" in result.stderr
+    result = run_python(
+        ["-m", "pl_mtt.train", "loss.energy.forces=msa"],
+        cwd=tmp_path,
+        env={"HYDRA_FULL_ERROR": ""},
+    )
+    assert result.returncode == 1
+    (run_dir,) = [p.parent for p in tmp_path.glob("outputs/*/*/.hydra")]
+    # the message alone, as Hydra prints its own errors; the run directory is named
+    assert result.stderr.splitlines()[-2:] == [
+        "Error: loss.energy.forces.type: unknown loss type 'msa'. Valid types: "
+        f"{', '.join(repr(name) for name in loss_type_names())}. Did you mean 'mse'?",
+        f"The config and log of this run are in {run_dir}. Set the environment variable "
+        "HYDRA_FULL_ERROR=1 for the full traceback.",
+    ]
+    assert "Traceback" not in result.stderr
+    assert "data:" not in result.stdout  # failed before any data was read
 
 
 def test_composed_config_is_plain_yaml():

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from pl_mtt.config import expand_loss_config
 from pl_mtt.data import embedded_dataset
-from pl_mtt.interop import format_not_acted_on, loss_for_data, translate_options
+from pl_mtt.interop import format_not_acted_on, translate_options
 from pl_mtt.training.app import (
     config_dir,
     merge_loss_shorthand_overrides,
@@ -163,24 +163,6 @@ def test_target_forms(files):
         options["training_set"]["targets"] = {"energy": bad}
         with pytest.raises(ValueError, match=match):
             translate(files, options)
-
-
-def test_loss_terms_without_data_are_dropped_as_metatrain_does():
-    loss = {
-        "energy": {
-            "type": "mse",
-            "forces": {"type": "mae"},
-            "stress": {"type": "mse"},
-        }
-    }
-    resolved = {"energy": {"quantity": "energy", "forces": True, "stress": False}}
-    kept, dropped = loss_for_data(loss, resolved)
-    assert dropped == ["loss.energy.stress"]
-    assert kept == {"energy": {"type": "mse", "forces": {"type": "mae"}}}
-    resolved["energy"]["virial"] = True  # the file has a virial: the term becomes virial
-    kept, dropped = loss_for_data(loss, resolved)
-    assert dropped == []
-    assert kept["energy"]["virial"] == {"type": "mse"}
 
 
 # -- precedence: command line > options file > pl_mtt defaults -----------------------------

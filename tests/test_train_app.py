@@ -81,6 +81,14 @@ def test_entry_point_writes_checkpoint_metrics_plots_and_model(tiny_run):
     # per-epoch metrics in physical units, for both stages
     assert len(_epoch_rows(run_dir / "metrics.csv", "val/forces/MAE")) == 2
     assert len(_epoch_rows(run_dir / "metrics.csv", "train/energy_per_atom/RMSE")) == 2
+    # the test row carries the last training epoch (0-based), not Lightning's counter
+    with open(run_dir / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [float(row["epoch"]) for row in rows if row.get("test/loss")] == [1.0]
+    assert {float(row["epoch"]) for row in rows if row.get("train/loss")} == {0.0, 1.0}
+    # the start-up summary of the embedded data
+    assert "split (seed 0): train 8, val 4, test 4\n" in result.stdout
+    assert "    forces: key 'forces'\n    stress: key 'stress'\n" in result.stdout
     assert "Fitting scales" in result.stderr or "Fitting scales" in result.stdout
 
 
@@ -107,9 +115,15 @@ def test_saved_model_carries_scales_and_baseline(tiny_run, cache, monkeypatch):
     assert float((error / n_atoms).max()) < 1.0  # eV/atom: not off by a scale or baseline
 
 
-def test_resume_keeps_the_scales_without_refitting(tiny_run, tmp_path, cache, run_python):
+def test_resume_continues_from_the_last_epoch_and_keeps_the_scales(
+    tiny_run, tmp_path, cache, run_python
+):
     run_dir, _ = tiny_run
     before = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    # last.ckpt is the end of the last epoch (Lightning's save_last on a monitoring
+    # checkpoint rewrites it only with a new best), whichever epoch was best
+    assert before["epoch"] == 1
+    assert before["global_step"] == 2 * 2  # 2 epochs x 2 batches of 4 of 8 structures
     # different data: a refit would change the scales, resuming must keep them
     result = run_python(
         [
@@ -125,8 +139,13 @@ def test_resume_keeps_the_scales_without_refitting(tiny_run, tmp_path, cache, ru
     )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "Fitting scales" not in result.stderr + result.stdout
-    after = torch.load(_run_dir(tmp_path) / "checkpoints" / "last.ckpt", weights_only=False)
+    resumed = _run_dir(tmp_path)
+    after = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=False)
     assert after["epoch"] == before["epoch"] + 1  # one more epoch (0-based index)
+    assert after["global_step"] == before["global_step"] + 3  # 10 structures, batches of 4
+    with open(resumed / "metrics.csv", newline="") as handle:
+        epochs = {float(row["epoch"]) for row in csv.DictReader(handle) if row.get("train/loss")}
+    assert epochs == {2.0}  # only the epoch after the checkpoint's
     scale_keys = [k for k in before["state_dict"] if k.startswith(("scaler.", "composition."))]
     assert scale_keys
     for key in scale_keys:

@@ -5,7 +5,7 @@
     data:                      # the arguments of AtomisticDataModule
       dataset: emt             # embedded dataset (emt, dos), used when `path` is null
       path: null               # any file ase.io.read understands (wins over `dataset`)
-      n_structures: null       # embedded datasets: how many to generate
+      n_structures: null       # how many: generated (embedded), or the first n of `path`
       targets:                 # spec form; empty -> the embedded dataset's targets
         energy: {quantity: energy, key: energy, forces: true, stress: true}
       extra_data: {}           # name -> {read_from: file.mts}; merged with the embedded ones
@@ -15,6 +15,8 @@
       val_set: null            # ...or {indices: list|file} (structures of `path`) or
       test_set: null           #    {path: file, targets: ..., extra_data: ..., indices: ...}
       batch_size: 8
+      max_atoms_per_batch: null   # e.g. 2000: batches packed by atom count instead
+      min_atoms_per_batch: 0
       drop_last: false         # drop the last incomplete training batch (metatrain does)
       num_workers: 0
       split_seed: 0
@@ -22,7 +24,8 @@
 After :meth:`setup` (called by Lightning, or by hand before building the model):
 ``target_options`` (resolved: pass them to ``LossModule`` / ``expand_loss_config``),
 ``layouts()`` and ``atomic_types`` (for the ``Scaler``), ``train_dataset``,
-``val_dataset``, ``test_dataset`` and ``split`` (their indices in the file). Its
+``val_dataset``, ``test_dataset``, ``split`` (their indices in the file) and
+:meth:`summary` (what was read, printed by the app at start-up). Its
 ``transfer_batch_to_device`` hook moves batches to the model's device (a
 LightningModule's own hook, if any, takes precedence).
 
@@ -35,10 +38,19 @@ Distributed runs: the training loader is a plain shuffled loader, which Lightnin
 shards with its ``DistributedSampler`` (padded, so that every rank runs the same number
 of steps); validation and test loaders use :class:`StridedShardSampler` (never padded,
 each structure once over all ranks), which Lightning keeps as it is.
+
+With ``max_atoms_per_batch`` (metatrain's option), every loader yields batches of at most
+that many atoms (``batch_size`` is then not used) from an :class:`AtomBatchSampler`:
+in training every rank runs the same number of steps with nearly the same number of
+atoms per step and every structure is used once per epoch (nothing padded or dropped),
+reshuffled every epoch from ``split_seed``; validation and test are strided shards
+packed by atoms, never padded. ``min_atoms_per_batch`` is the fewest atoms of a training
+batch (checked when the loader is made).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -52,7 +64,8 @@ from pl_mtt.data.collate import batch_to, collate
 from pl_mtt.data.dataset import AtomisticDataset
 from pl_mtt.data.embedded import EmbeddedDataset, embedded_dataset
 from pl_mtt.data.indices import check_indices, read_indices
-from pl_mtt.data.sampler import StridedShardSampler
+from pl_mtt.data.report import DataReport, DataWarning
+from pl_mtt.data.sampler import AtomBatchSampler, BatchedDataset, StridedShardSampler
 from pl_mtt.tensormaps.neighbors import requested_neighbor_lists
 
 __all__ = ["AtomisticDataModule", "split_indices"]
@@ -65,22 +78,24 @@ def split_indices(
 ) -> tuple[list[int], list[int], list[int]]:
     """A seeded random split of ``range(n)`` into train/val/test index lists.
 
-    Sizes are ``round(fraction * n)`` (at least 1 when the fraction is positive and
-    ``n >= 3``); the training set gets the rest and must not be empty.
+    Sizes are ``round(fraction * n)``, at least 1 when the fraction is positive (a
+    positive fraction never gives an empty split); the training set gets the rest and
+    must not be empty.
     """
     for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0.0 <= fraction < 1.0:
-            raise ValueError(f"{name} must be in [0, 1), got {fraction}")
+            raise ValueError(f"data.{name} must be in [0, 1), got {fraction}")
 
     def size(fraction: float) -> int:
-        count = round(fraction * n)
-        return max(count, 1) if fraction > 0 and n >= 3 else count
+        return max(round(fraction * n), 1) if fraction > 0 else 0
 
     n_val, n_test = size(val_fraction), size(test_fraction)
     if n_val + n_test >= n:
         raise ValueError(
-            f"{n} structures leave no training set with val_fraction={val_fraction} and "
-            f"test_fraction={test_fraction}"
+            f"data: {n} structures cannot give a training split and non-empty splits for "
+            f"val_fraction={val_fraction} ({n_val}) and test_fraction={test_fraction} "
+            f"({n_test}); use more structures, or set data.val_fraction=0 / "
+            f"data.test_fraction=0 to have no such split"
         )
     generator = torch.Generator().manual_seed(int(seed))
     order = torch.randperm(n, generator=generator).tolist()
@@ -93,7 +108,9 @@ class AtomisticDataModule(lightning.LightningDataModule):
     Args:
         dataset: an embedded dataset name (``emt``, ``dos``), used when ``path`` is None.
         path: a structure file (anything ``ase.io.read`` reads).
-        n_structures: size of the embedded dataset (its default if None).
+        n_structures: how many structures to use: the size of the embedded dataset
+            (its default if None), or the first ``n_structures`` of ``path`` (all if
+            None; more than the file has is an error).
         targets: target name -> options (spec form); None/empty: the embedded ones.
         extra_data: name -> ``{read_from: file.mts}`` (added to the embedded ones).
         val_fraction, test_fraction: split fractions of the training structures
@@ -105,6 +122,10 @@ class AtomisticDataModule(lightning.LightningDataModule):
             targets: ..., extra_data: ..., indices: ...}`` (another file; targets and
             extra data default to the training ones, without their ``read_from``).
         batch_size: structures per batch.
+        max_atoms_per_batch: batches bounded by this many atoms instead (None: off); a
+            structure with more atoms is an error.
+        min_atoms_per_batch: the fewest atoms in a training batch (with
+            ``max_atoms_per_batch``).
         drop_last: drop the last incomplete batch of each training epoch.
         num_workers: ``DataLoader`` workers.
         split_seed: seed of the split (and of the training shuffle).
@@ -121,6 +142,8 @@ class AtomisticDataModule(lightning.LightningDataModule):
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         batch_size: int = 8,
+        max_atoms_per_batch: int | None = None,
+        min_atoms_per_batch: int = 0,
         num_workers: int = 0,
         split_seed: int = 0,
         dtype: str | torch.dtype = "float64",
@@ -138,6 +161,9 @@ class AtomisticDataModule(lightning.LightningDataModule):
             dtype = _DTYPES[dtype]
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        _check_atom_bounds(max_atoms_per_batch, min_atoms_per_batch)
+        self.max_atoms_per_batch = max_atoms_per_batch
+        self.min_atoms_per_batch = int(min_atoms_per_batch)
         self.dataset_name = dataset
         self.path = path
         self.n_structures = n_structures
@@ -160,6 +186,7 @@ class AtomisticDataModule(lightning.LightningDataModule):
         self.val_dataset: AtomisticDataset | None = None
         self.test_dataset: AtomisticDataset | None = None
         self.split: dict[str, list[int]] = {}
+        self.report: DataReport | None = None
         self._atomic_types: list[int] = []
         self.neighbor_lists: list[NeighborListOptions] = []
 
@@ -185,7 +212,12 @@ class AtomisticDataModule(lightning.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Read the data and split it (once), and attach the neighbour lists the
-        Trainer's LightningModule requests (on every call with a Trainer)."""
+        Trainer's LightningModule requests (on every call with a Trainer).
+
+        Reading warns (:class:`~pl_mtt.data.report.DataWarning`) about NaN target
+        entries (left out of the loss and the scales) and elements absent from the
+        training split; :meth:`summary` describes what was read.
+        """
         self._load()
         module = self.trainer.lightning_module if self.trainer is not None else None
         if module is not None:
@@ -206,6 +238,8 @@ class AtomisticDataModule(lightning.LightningDataModule):
             return
         path, targets, extra = self._sources()
         full = AtomisticDataset.from_file(path, targets, extra, dtype=self.dtype)
+        n_available = len(full)
+        full = self._first_structures(full, path)
         full.request_neighbor_lists(self.neighbor_lists)
         candidates = list(range(len(full)))
         if self.indices is not None:
@@ -227,15 +261,36 @@ class AtomisticDataModule(lightning.LightningDataModule):
             "val": [candidates[i] for i in val],
             "test": [candidates[i] for i in test],
         }
-        self.train_dataset = full.subset(self.split["train"])
         datasets = {"val": full.subset(self.split["val"]), "test": full.subset(self.split["test"])}
-        for stage, (dataset, stage_indices) in explicit.items():
+        other_files = {}
+        for stage, (dataset, stage_indices, source) in explicit.items():
             datasets[stage] = dataset
             self.split[stage] = stage_indices
+            if source != path:
+                other_files[stage] = source
+        in_full = {k: v for k, v in self.split.items() if k not in other_files}
+        if self.max_atoms_per_batch is not None:
+            _check_structure_sizes(full, self.max_atoms_per_batch, path, in_full)
+            for stage, source in other_files.items():
+                dataset = datasets[stage]
+                every = {stage: list(range(len(dataset)))}
+                _check_structure_sizes(dataset, self.max_atoms_per_batch, source, every)
+        self.train_dataset = full.subset(self.split["train"])
         self.val_dataset, self.test_dataset = datasets["val"], datasets["test"]
         self._atomic_types = sorted(
-            {*full.atomic_types, *(t for d, _ in explicit.values() for t in d.atomic_types)}
+            {*full.atomic_types, *(t for d, *_ in explicit.values() for t in d.atomic_types)}
         )
+        self.report = DataReport.from_dataset(
+            full,
+            in_full,
+            files=[path, *other_files.values()],
+            n_available=n_available,
+            limit=None if self.n_structures is None else f"data.n_structures={len(full)}",
+            split_seed=self.split_seed,
+            configured_targets=targets,
+        )
+        for message in self.report.warnings():
+            warnings.warn(message, DataWarning, stacklevel=2)
 
     def _explicit_dataset(
         self,
@@ -245,8 +300,8 @@ class AtomisticDataModule(lightning.LightningDataModule):
         path: str,
         targets: dict[str, Any],
         extra: dict[str, Any],
-    ) -> tuple[AtomisticDataset, list[int]]:
-        """An explicit validation or test set and its indices into its file."""
+    ) -> tuple[AtomisticDataset, list[int], str]:
+        """An explicit validation or test set, its indices into its file and the file."""
         what = f"data.{stage}_set"
         source, dataset = path, full
         if options.get("path") is not None:
@@ -260,10 +315,29 @@ class AtomisticDataModule(lightning.LightningDataModule):
             _check_same_gradients(what, dataset.target_options, full.target_options)
             dataset.request_neighbor_lists(self.neighbor_lists)
         if options.get("indices") is None:
-            return dataset, list(range(len(dataset)))
+            return dataset, list(range(len(dataset))), source
         chosen = read_indices(options["indices"], f"{what}.indices")
         check_indices(chosen, len(dataset), f"{what}.indices", source)
-        return dataset.subset(chosen), chosen
+        return dataset.subset(chosen), chosen, source
+
+    def _first_structures(self, full: AtomisticDataset, path: str) -> AtomisticDataset:
+        """The first ``n_structures`` of a user's file (embedded datasets are generated
+        with that size already)."""
+        if self.path is None or self.n_structures is None:
+            return full
+        n = int(self.n_structures)
+        if not 1 <= n <= len(full):
+            raise ValueError(
+                f"data.n_structures={n}: '{path}' has {len(full)} structures; give a "
+                f"number from 1 to {len(full)}, or null for all of them"
+            )
+        return full if n == len(full) else full.subset(range(n))
+
+    def summary(self) -> str:
+        """What was read and how it was split: files, structure counts, split sizes,
+        targets and gradients with their keys, elements per split, NaN entries."""
+        self._loaded()
+        return self.report.text()
 
     def _loaded(self) -> AtomisticDataset:
         self._load()
@@ -303,19 +377,91 @@ class AtomisticDataModule(lightning.LightningDataModule):
             **kwargs,
         )
 
+    def _atom_loader(self, dataset: AtomisticDataset, training: bool) -> DataLoader:
+        """Batches of at most ``max_atoms_per_batch`` atoms (the sampler yields them)."""
+        sampler = AtomBatchSampler(
+            dataset,
+            self.max_atoms_per_batch,
+            self.min_atoms_per_batch if training else 0,
+            shuffle=training,
+            seed=self.split_seed,
+            equal_steps=training,
+        )
+        if training and self.trainer is not None:
+            # Lightning calls set_epoch after it has drawn the first batch of a fit (it
+            # prefetches): a run resumed at epoch N must start from N's plan already.
+            # The epoch Lightning will pass is the fit loop's count of processed epochs
+            # (current_epoch catches up with it only later).
+            progress = getattr(self.trainer.fit_loop, "epoch_progress", None)
+            epoch = progress.current.processed if progress is not None else None
+            sampler.set_epoch(self.trainer.current_epoch if epoch is None else epoch)
+        return DataLoader(
+            BatchedDataset(dataset),
+            sampler=sampler,
+            batch_size=None,
+            collate_fn=collate,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
     def train_dataloader(self) -> DataLoader:
+        if self.max_atoms_per_batch is not None:
+            return self._atom_loader(self._loaded(), training=True)
         generator = torch.Generator().manual_seed(self.split_seed)
         return self._loader(
             self._loaded(), shuffle=True, generator=generator, drop_last=self.drop_last
         )
 
+    def _evaluation_loader(self, dataset: AtomisticDataset) -> DataLoader:
+        if self.max_atoms_per_batch is not None:
+            return self._atom_loader(dataset, training=False)
+        return self._loader(dataset, sampler=StridedShardSampler(dataset))
+
     def val_dataloader(self) -> DataLoader:
         self._loaded()
-        return self._loader(self.val_dataset, sampler=StridedShardSampler(self.val_dataset))
+        return self._evaluation_loader(self.val_dataset)
 
     def test_dataloader(self) -> DataLoader:
         self._loaded()
-        return self._loader(self.test_dataset, sampler=StridedShardSampler(self.test_dataset))
+        return self._evaluation_loader(self.test_dataset)
+
+
+def _check_atom_bounds(max_atoms: Any, min_atoms: Any) -> None:
+    for name, value, least in (
+        ("max_atoms_per_batch", max_atoms, 1),
+        ("min_atoms_per_batch", min_atoms, 0),
+    ):
+        if value is None and name == "max_atoms_per_batch":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"data.{name}: expected an integer >= {least}, got {value!r}")
+    if min_atoms and max_atoms is None:
+        raise ValueError(
+            f"data.min_atoms_per_batch={min_atoms} needs data.max_atoms_per_batch (batches "
+            f"are counted in structures otherwise)"
+        )
+    if max_atoms is not None and min_atoms > max_atoms:
+        raise ValueError(
+            f"data.min_atoms_per_batch ({min_atoms}) is larger than data.max_atoms_per_batch "
+            f"({max_atoms})"
+        )
+
+
+def _check_structure_sizes(
+    dataset: AtomisticDataset, max_atoms: int, path: str, split: dict[str, list[int]]
+) -> None:
+    """Every structure (all splits) fits in a batch of ``max_atoms`` atoms."""
+    counts = dataset.atom_counts()
+    too_large = torch.nonzero(counts > max_atoms).reshape(-1)
+    if too_large.numel():
+        index = int(too_large[0])
+        part = next(name for name, indices in split.items() if index in indices)
+        raise ValueError(
+            f"data.max_atoms_per_batch={max_atoms}: structure {index} of '{path}' "
+            f"({part} split) has {int(counts[index])} atoms, more than a batch may "
+            f"hold ({too_large.numel()} structure(s) are too large; the largest has "
+            f"{int(counts.max())} atoms)"
+        )
 
 
 _EXPLICIT_SET_KEYS = ("indices", "path", "targets", "extra_data")

@@ -9,6 +9,7 @@
     )
     dataset.target_options   # resolved options -> expand_loss_config / LossModule
     dataset.layouts()        # zero-sample TensorMaps -> Scaler(atomic_types, layouts)
+    dataset.atom_counts()    # atoms per structure -> AtomBatchSampler
     dataset.request_neighbor_lists(requested_neighbor_lists(model))  # once per structure
     system, targets, extra_data = dataset[0]
 """
@@ -44,6 +45,8 @@ class AtomisticDataset(torch.utils.data.Dataset):
             :func:`pl_mtt.data.read_targets`); empty options if not given.
         neighbor_lists: neighbour lists to attach to each structure when it is first
             loaded (see :meth:`request_neighbor_lists`).
+        target_sources: name -> ``{"forces"|"stress"|"virial": (key, file)}`` of the
+            gradients read from files (for the start-up summary).
     """
 
     def __init__(
@@ -53,12 +56,16 @@ class AtomisticDataset(torch.utils.data.Dataset):
         extra_data: Mapping[str, Sequence[TensorMap]] | None = None,
         target_options: Mapping[str, Mapping[str, Any]] | None = None,
         neighbor_lists: Sequence[NeighborListOptions] = (),
+        target_sources: Mapping[str, Mapping[str, tuple[str, str]]] | None = None,
     ) -> None:
         self.systems = list(systems)
         self.targets = {name: list(values) for name, values in targets.items()}
         self.extra_data = {name: list(values) for name, values in (extra_data or {}).items()}
         self.target_options = {
             name: dict((target_options or {}).get(name, {})) for name in self.targets
+        }
+        self.target_sources = {
+            name: dict((target_sources or {}).get(name, {})) for name in self.targets
         }
         for kind, entries in (("target", self.targets), ("extra_data", self.extra_data)):
             for name, values in entries.items():
@@ -68,6 +75,7 @@ class AtomisticDataset(torch.utils.data.Dataset):
                         f"{len(self.systems)} structures"
                     )
         self._check_masks()
+        self._atom_counts: torch.Tensor | None = None
         self.neighbor_lists: list[NeighborListOptions] = []
         self._with_lists: set[int] = set()  # structures that carry every requested list
         self.request_neighbor_lists(neighbor_lists)
@@ -95,12 +103,13 @@ class AtomisticDataset(torch.utils.data.Dataset):
         ``.mts`` files. Energy-like targets get forces/stress when the file has them."""
         frames = read_atoms(path)
         systems = systems_from_atoms(frames, dtype)
-        tensors, resolved = read_targets(path, targets, frames=frames, dtype=dtype)
+        sources: dict[str, dict[str, tuple[str, str]]] = {}
+        tensors, resolved = read_targets(path, targets, frames=frames, dtype=dtype, sources=sources)
         extra = {
             name: read_extra_data(name, options, len(systems), dtype)
             for name, options in (to_plain(extra_data) or {}).items()
         }
-        return cls(systems, tensors, extra, resolved)
+        return cls(systems, tensors, extra, resolved, target_sources=sources)
 
     def __len__(self) -> int:
         return len(self.systems)
@@ -126,7 +135,15 @@ class AtomisticDataset(torch.utils.data.Dataset):
             {name: [values[i] for i in indices] for name, values in self.extra_data.items()},
             self.target_options,
             self.neighbor_lists,
+            target_sources=self.target_sources,
         )
+
+    def atom_counts(self) -> torch.Tensor:
+        """Atoms per structure (1-D int64), read without building batches: the interface
+        samplers bounded by atom count use (:class:`pl_mtt.data.AtomBatchSampler`)."""
+        if self._atom_counts is None:
+            self._atom_counts = torch.tensor([len(s) for s in self.systems], dtype=torch.int64)
+        return self._atom_counts
 
     @property
     def atomic_types(self) -> list[int]:

@@ -31,6 +31,7 @@ say otherwise (metatrain's default). :func:`read_targets` returns the RESOLVED o
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ from metatensor.torch import TensorMap
 
 from pl_mtt.config import check_known_keys, is_energy_like, to_plain
 from pl_mtt.data.layout import property_labels, structure_tensor_map
+from pl_mtt.data.report import DataWarning
 from pl_mtt.data.systems import read_atoms
 
 __all__ = ["find_value", "read_targets", "resolve_target_options"]
@@ -190,9 +192,7 @@ def resolve_target_options(
     else:
         on_forces, forces_key, forces_file = given["forces"]
         if on_forces is None:
-            on_forces = _present_everywhere(
-                frames_for(forces_file), forces_key, periodic_only=False
-            )
+            on_forces = _present_everywhere(frames_for, name, "forces", forces_key, forces_file)
         if on_forces:
             sources["forces"] = (forces_key, forces_file)
         on_stress, stress_key, stress_file = given["stress"]
@@ -200,9 +200,9 @@ def resolve_target_options(
         if on_stress and on_virial:
             raise ValueError(f"targets.{name}: give either 'stress' or 'virial', not both")
         if on_stress is None and on_virial is None:
-            on_stress = _present_everywhere(frames_for(stress_file), stress_key, periodic_only=True)
+            on_stress = _present_everywhere(frames_for, name, "stress", stress_key, stress_file)
             on_virial = not on_stress and _present_everywhere(
-                frames_for(virial_file), virial_key, periodic_only=True
+                frames_for, name, "virial", virial_key, virial_file
             )
         if on_stress:
             sources["stress"] = (stress_key, stress_file)
@@ -213,10 +213,25 @@ def resolve_target_options(
     return resolved, sources
 
 
-def _present_everywhere(frames: Sequence[ase.Atoms], key: str, *, periodic_only: bool) -> bool:
-    """Whether every (periodic, if asked) structure has ``key`` (and at least one does)."""
-    relevant = [a for a in frames if not periodic_only or bool(np.all(a.pbc))]
-    return bool(relevant) and all(find_value(a, key) is not None for a in relevant)
+def _present_everywhere(
+    frames_for: FramesFor, target: str, option: str, key: str, file: str
+) -> bool:
+    """Whether every structure (every periodic one for stress and virial) of ``file``
+    has ``key``; a key found in only some of them is not read, with a ``DataWarning``."""
+    periodic_only = option != "forces"
+    relevant = [a for a in frames_for(file) if not periodic_only or bool(np.all(a.pbc))]
+    present = sum(find_value(atoms, key) is not None for atoms in relevant)
+    if 0 < present < len(relevant):
+        scope = "periodic structures" if periodic_only else "structures"
+        warnings.warn(
+            f"targets.{target}.{option}: key '{key}' is in only {present} of the "
+            f"{len(relevant)} {scope} of '{file}', so it is not read; set "
+            f"targets.{target}.{option}: {key} to read them (then every one of these "
+            f"structures needs it)",
+            DataWarning,
+            stacklevel=2,
+        )
+    return bool(relevant) and present == len(relevant)
 
 
 def _to_3x3(value: np.ndarray, what: str) -> np.ndarray:
@@ -262,6 +277,7 @@ def read_targets(
     targets: Mapping[str, Any],
     frames: Sequence[ase.Atoms] | None = None,
     dtype: torch.dtype = torch.float64,
+    sources: dict[str, dict[str, tuple[str, str]]] | None = None,
 ) -> tuple[dict[str, list[TensorMap]], dict[str, dict[str, Any]]]:
     """Read every target of every structure of ``path``.
 
@@ -271,6 +287,8 @@ def read_targets(
         targets: target name -> options (the spec's ``training_set.targets`` form).
         frames: the already-read frames of ``path`` (read here if None).
         dtype: floating dtype of the values.
+        sources: if given, filled with target name -> ``{"forces"|"stress"|"virial":
+            (key, file)}`` for every gradient read (what the start-up summary reports).
 
     Returns:
         ``(tensors, resolved)``: ``tensors[name][i]`` is the TensorMap of structure
@@ -292,9 +310,11 @@ def read_targets(
     tensors: dict[str, list[TensorMap]] = {}
     resolved_all: dict[str, dict[str, Any]] = {}
     for name, options in (to_plain(targets) or {}).items():
-        resolved, sources = resolve_target_options(name, options, path, frames_for)
-        tensors[name] = _read_one_target(name, resolved, sources, frames_for, main, dtype)
+        resolved, gradient_sources = resolve_target_options(name, options, path, frames_for)
+        tensors[name] = _read_one_target(name, resolved, gradient_sources, frames_for, main, dtype)
         resolved_all[name] = resolved
+        if sources is not None:
+            sources[name] = dict(gradient_sources)
     return tensors, resolved_all
 
 

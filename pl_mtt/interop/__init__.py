@@ -9,7 +9,6 @@ except the app's entry point.
 from pl_mtt.interop.options import (
     OptionsTranslation,
     format_not_acted_on,
-    loss_for_data,
     read_options,
     translate_options,
 )
@@ -19,7 +18,6 @@ __all__ = [
     "OptionsTranslation",
     "check_base_options",
     "format_not_acted_on",
-    "loss_for_data",
     "read_options",
     "translate_options",
 ]

@@ -61,7 +61,6 @@ __all__ = [
     "TRAINING_NOT_ACTED_ON",
     "OptionsTranslation",
     "format_not_acted_on",
-    "loss_for_data",
     "read_options",
     "translate_options",
 ]
@@ -108,15 +107,12 @@ class OptionsTranslation:
         architecture: ``architecture.name``.
         config: the Hydra config (package ``_global_``, with its ``defaults`` list).
         not_acted_on: ``(key path, reason)`` of the file's keys that pl_mtt ignores.
-        loss_targets: target options as the loss grammar sees them before the data is
-            read (metatrain's default: an energy has forces and stress).
     """
 
     path: str
     architecture: str
     config: dict[str, Any]
     not_acted_on: list[tuple[str, str]] = field(default_factory=list)
-    loss_targets: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def read_options(path: str | Path) -> dict[str, Any]:
@@ -207,7 +203,7 @@ def _translate(
         "loss": _loss(training["loss"], loss_targets),
         "seed": seed,
     }
-    return OptionsTranslation(path, name, config, not_acted_on, loss_targets)
+    return OptionsTranslation(path, name, config, not_acted_on)
 
 
 _TRAINING_ACTED_ON = (
@@ -436,30 +432,6 @@ def _loss(loss: Any, targets: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]
                 entry.setdefault("gradients", {})[gradient] = term
         result[name] = entry
     return result
-
-
-def loss_for_data(
-    loss: Mapping[str, Any], targets: Mapping[str, Mapping[str, Any]]
-) -> tuple[dict[str, Any], list[str]]:
-    """Drop the loss terms of gradients the data does not have (metatrain's default
-    forces/stress terms of an energy whose file has no stress, say), as metatrain does.
-
-    ``targets`` are the resolved target options (after reading the data). Returns the
-    loss and the dropped terms' key paths.
-    """
-    loss = copy.deepcopy(dict(to_plain(loss)))
-    dropped = []
-    for name, entry in loss.items():
-        if not isinstance(entry, dict) or name not in targets:
-            continue
-        for gradient in _GRADIENTS:
-            if gradient in entry and not targets[name].get(gradient):
-                if gradient == "stress" and targets[name].get("virial"):
-                    entry["virial"] = entry.pop("stress")
-                    continue
-                del entry[gradient]
-                dropped.append(f"loss.{name}.{gradient}")
-    return loss, dropped
 
 
 def format_not_acted_on(path: str, entries: list[tuple[str, str]]) -> str:

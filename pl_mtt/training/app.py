@@ -11,7 +11,13 @@
     python -m pl_mtt.train options=options.yaml trainer.max_epochs=3 dry_run=true
 
 The loss config is validated with :func:`pl_mtt.expand_loss_config` before anything
-else runs, so a bad loss fails in a second with the key path of the problem.
+else runs, so a bad loss fails in a second with the key path of the problem. Then the
+data is read, its targets resolved (an energy gets forces and stress when the file has
+them) and a summary printed; entries of the configured loss for data the file does not
+provide are left out (and listed), unless the command line names them: then they are
+an error. Config and data mistakes print their message without a traceback
+(``HYDRA_FULL_ERROR=1`` shows it). The ``loss_schedule`` stages are checked with the loss,
+against the same targets.
 
 ``options=<file>``: the metatrain options file is checked and translated
 (:func:`pl_mtt.interop.translate_options`) before Hydra composes the config; the
@@ -22,9 +28,13 @@ on are listed once at start-up.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import os
 import re
 import sys
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,30 +43,44 @@ import lightning.pytorch as L  # noqa: N812
 import torch
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from pl_mtt.config import expand_loss_config
-from pl_mtt.data import AtomisticDataModule, AtomisticDataset, collate, write_indices
-from pl_mtt.interop import (
-    OptionsTranslation,
-    format_not_acted_on,
-    loss_for_data,
-    translate_options,
+from pl_mtt.config import (
+    expand_loss_config,
+    gradient_alias,
+    is_energy_like,
+    restrict_loss_to_targets,
 )
+from pl_mtt.data import (
+    AtomisticDataModule,
+    AtomisticDataset,
+    DataReport,
+    DataWarning,
+    collate,
+    write_indices,
+)
+from pl_mtt.interop import OptionsTranslation, format_not_acted_on, translate_options
 from pl_mtt.registry import loss_type_names
 from pl_mtt.training.callbacks import ScalerCallback
 from pl_mtt.training.epoch_log import EpochLog
 from pl_mtt.training.evaluation import collect
+from pl_mtt.training.loss_schedule import LossSchedule, LossScheduleCallback
 from pl_mtt.training.plots import dos_overlays, learning_curves, parity_plots, write_metrics_table
 from pl_mtt.training.schema import register_configs
 from pl_mtt.training.task import AtomisticTask
 
 __all__ = [
+    "UserInputError",
+    "assumed_targets",
+    "checkpoint_callbacks",
     "config_dir",
+    "configured_targets",
     "evaluate",
+    "explicit_loss_paths",
     "main",
     "merge_loss_shorthand_overrides",
     "model_config_for_data",
@@ -64,8 +88,27 @@ __all__ = [
     "options_argument",
     "register_options_config",
     "run",
+    "run_cli",
     "train",
+    "write_split",
 ]
+
+
+class UserInputError(ValueError):
+    """A mistake in the config or the data (a ``ValueError`` or a missing file raised
+    while they are read): the app prints its message without a traceback."""
+
+
+@contextlib.contextmanager
+def user_input() -> Iterator[None]:
+    """Turn ``ValueError``/``FileNotFoundError`` raised inside into :class:`UserInputError`
+    (config and data stages only: errors while training keep their traceback)."""
+    try:
+        yield
+    except UserInputError:
+        raise
+    except (ValueError, FileNotFoundError) as error:
+        raise UserInputError(str(error)) from error
 
 
 def config_dir() -> str:
@@ -116,9 +159,26 @@ def merge_loss_shorthand_overrides(args: list[str]) -> list[str]:
     return result
 
 
-def training_targets(cfg: DictConfig) -> dict[str, Any]:
+def configured_targets(cfg: DictConfig) -> dict[str, Any]:
     """Target options as configured in ``data.targets`` (before the data is read)."""
     return OmegaConf.to_container(cfg.data.targets, resolve=True) or {}
+
+
+def assumed_targets(cfg: DictConfig) -> dict[str, Any]:
+    """``data.targets`` with what the data may provide turned on: an energy-like,
+    per-structure target whose ``forces``/``stress``/``virial`` are not set is assumed
+    to have forces and stress (the file decides at start-up). The loss config is
+    checked against these before any data is read, so a typo fails in a second."""
+    targets = {}
+    for name, options in configured_targets(cfg).items():
+        options = dict(options or {})
+        if is_energy_like(name, options) and not options.get("per_atom"):
+            if options.get("forces") is None:
+                options["forces"] = True
+            if options.get("stress") is None and options.get("virial") is None:
+                options["stress"] = True
+        targets[name] = options
+    return targets
 
 
 # -- metatrain options files ---------------------------------------------------------
@@ -158,30 +218,6 @@ def options_translation(cfg: DictConfig) -> OptionsTranslation | None:
     return translate_options(cfg.options, model_config_names())
 
 
-def loss_targets(cfg: DictConfig, translation: OptionsTranslation | None) -> dict[str, Any]:
-    """The targets the loss config is checked against before the data is read."""
-    if translation is not None:
-        return translation.loss_targets
-    return training_targets(cfg)
-
-
-@rank_zero_only
-def _announce(text: str) -> None:
-    print(text)
-
-
-def output_dir() -> Path:
-    """This run's directory (Hydra's), or the working directory outside Hydra."""
-    if HydraConfig.initialized():
-        return Path(HydraConfig.get().runtime.output_dir)
-    return Path.cwd()
-
-
-def _datamodule(cfg: DictConfig) -> AtomisticDataModule:
-    data = OmegaConf.to_container(cfg.data, resolve=True)
-    return AtomisticDataModule(**data)
-
-
 def model_config_for_data(cfg: DictConfig, datamodule: AtomisticDataModule) -> dict[str, Any]:
     """``cfg.model`` as a plain dict, completed with what the data says when the model
     class takes it and the config leaves it out: ``targets`` (resolved target options)
@@ -209,6 +245,57 @@ def optimizer_arguments(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
+def write_split(datamodule: AtomisticDataModule, run_dir: Path) -> None:
+    """``indices/training.txt``, ``validation.txt``, ``test.txt`` (metatrain's format):
+    the structures of each set, as indices into their file."""
+    names = {"train": "training", "val": "validation", "test": "test"}
+    for stage, indices in datamodule.split.items():
+        write_indices(run_dir / "indices" / f"{names[stage]}.txt", indices)
+
+
+def command_line_overrides() -> list[str]:
+    """This job's overrides from the command line (Hydra's), none outside Hydra."""
+    if HydraConfig.initialized():
+        return list(HydraConfig.get().overrides.task)
+    return []
+
+
+def _leaf_paths(path: tuple[str, ...], value: Any) -> list[tuple[str, ...]]:
+    if isinstance(value, dict) and value:
+        return [leaf for k, v in value.items() for leaf in _leaf_paths((*path, str(k)), v)]
+    return [path]
+
+
+def explicit_loss_paths(overrides: Sequence[str]) -> list[tuple[str, ...]]:
+    """Key paths under ``loss`` that command-line overrides write.
+
+    ``loss.energy.stress=huber`` -> ``("energy", "stress")``; a mapping value names each
+    of its keys (``loss.energy={type:mae}`` -> ``("energy", "type")``: Hydra merges it
+    into the group's entry). Choosing a group (``loss=mse``) and deletions (``~loss.x``)
+    name nothing. Entries named here are never dropped for missing data.
+    """
+    paths: list[tuple[str, ...]] = []
+    for override in OverridesParser.create().parse_overrides(list(overrides)):
+        key = override.key_or_group
+        if override.is_delete() or not key.startswith("loss."):
+            continue
+        value = override.value() if not override.is_sweep_override() else None
+        paths += _leaf_paths(tuple(key.split(".")[1:]), value)
+    return paths
+
+
+def output_dir() -> Path:
+    """This run's directory (Hydra's), or the working directory outside Hydra."""
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    return Path.cwd()
+
+
+def _datamodule(cfg: DictConfig) -> AtomisticDataModule:
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    return AtomisticDataModule(**data)
+
+
 def _scaler_callback(cfg: DictConfig, dos_targets: list[str]) -> ScalerCallback:
     scaler = OmegaConf.to_container(cfg.scaler, resolve=True)
     return ScalerCallback(
@@ -220,6 +307,21 @@ def _scaler_callback(cfg: DictConfig, dos_targets: list[str]) -> ScalerCallback:
     )
 
 
+def checkpoint_callbacks(run_dir: Path, monitor: str = "val/loss") -> list[ModelCheckpoint]:
+    """``checkpoints/last.ckpt``, rewritten at the end of every epoch (resume from it),
+    and the checkpoint with the lowest ``monitor`` (``epoch=...-step=....ckpt``).
+
+    (Lightning's ``save_last=True`` on a monitoring checkpoint only rewrites
+    ``last.ckpt`` when a new best is saved, so it can hold an earlier epoch.)
+    """
+    directory = str(run_dir / "checkpoints")
+    best = ModelCheckpoint(dirpath=directory, monitor=monitor)
+    last = ModelCheckpoint(
+        dirpath=directory, filename="last", monitor=None, enable_version_counter=False
+    )
+    return [best, last]
+
+
 def _trainer(cfg: DictConfig, run_dir: Path, callbacks: list) -> L.Trainer:
     options = OmegaConf.to_container(cfg.trainer, resolve=True)
     options["default_root_dir"] = options.get("default_root_dir") or str(run_dir)
@@ -228,81 +330,160 @@ def _trainer(cfg: DictConfig, run_dir: Path, callbacks: list) -> L.Trainer:
     return L.Trainer(**options, logger=logger, callbacks=callbacks)
 
 
-def write_report(task: AtomisticTask, loader: Any, run_dir: Path, metrics_csv: Path | None) -> None:
-    """Plots (learning curves, parity, DOS) and a metrics table under ``run_dir``."""
+def write_report(
+    task: AtomisticTask, loader: Any | None, run_dir: Path, metrics_csv: Path | None
+) -> None:
+    """Plots (learning curves; parity and DOS on ``loader``) and a metrics table under
+    ``run_dir`` (no parity plots or table without a loader, e.g. no test split)."""
     plots = run_dir / "plots"
     if metrics_csv is not None and metrics_csv.is_file():
         learning_curves(metrics_csv, plots)
+    if loader is None:
+        return
     collected = collect(task, loader)
     parity_plots(collected, plots)
     dos_overlays(collected, plots)
     write_metrics_table(collected, run_dir / "test_metrics.md")
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """The training job: data, model, task, Trainer with ScalerCallback; plots at the end."""
+@rank_zero_only
+def _print(text: str) -> None:
+    print(text, flush=True)
+
+
+def read_data(cfg: DictConfig) -> tuple[AtomisticDataModule, list[str]]:
+    """The datamodule of ``cfg.data``, set up, and the ``DataWarning`` messages raised
+    while reading it (shown in the start-up summary; other warnings pass through)."""
+    datamodule = _datamodule(cfg)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        datamodule.setup()
+    messages = []
+    for warning in caught:
+        if issubclass(warning.category, DataWarning):
+            messages.append(str(warning.message))
+        else:
+            warnings.warn_explicit(
+                warning.message, warning.category, warning.filename, warning.lineno
+            )
+    return datamodule, messages
+
+
+def loss_for_data(
+    cfg: DictConfig, targets: dict[str, Any], explicit: Sequence[tuple[str, ...]] = ()
+) -> tuple[Any, dict[str, dict], list[str]]:
+    """``(loss, expanded, dropped)``: the configured loss restricted to what the data
+    provides (entries named on the command line stay, and fail if unprovided), its
+    internal form, and the key paths of the entries left out."""
+    loss, dropped = restrict_loss_to_targets(cfg.loss, targets, keep=explicit)
+    return loss, expand_loss_config(loss, targets), dropped
+
+
+def loss_summary(expanded: dict[str, dict], targets: dict[str, Any], dropped: list[str]) -> str:
+    """One line of loss terms, and the configured entries left out for missing data."""
+    terms = []
+    for name, entry in expanded.items():
+        terms.append(f"{name} ({entry['type']})")
+        for gradient, term in entry["gradients"].items():
+            alias = gradient_alias(name, targets.get(name), gradient)
+            terms.append(f"{name}/{alias} ({term['type']})")
+    lines = [f"loss terms: {', '.join(terms)}"]
+    if dropped:
+        lines.append(
+            f"  left out of the configured loss, the data does not provide them: "
+            f"{', '.join(dropped)}"
+        )
+    return "\n".join(lines)
+
+
+def start_up_summary(data_summary: str, loss: str, data_warnings: Sequence[str] = ()) -> str:
+    """The block printed before training: data, loss terms, warnings."""
+    lines = [data_summary, loss]
+    lines += [f"warning: {message}" for message in data_warnings]
+    return "\n".join(lines)
+
+
+def check_loss_config(cfg: DictConfig, explicit: Sequence[tuple[str, ...]] = ()) -> None:
+    """The loss grammar (and the ``loss_schedule`` stages merged over the loss) against
+    :func:`assumed_targets`, before any data is read."""
+    targets = assumed_targets(cfg)
+    if targets:
+        loss, _ = restrict_loss_to_targets(cfg.loss, targets, keep=explicit)
+        LossSchedule(expand_loss_config(loss, targets), cfg.loss_schedule, targets)
+
+
+def train(cfg: DictConfig, explicit_loss: Sequence[tuple[str, ...]] = ()) -> dict[str, Any]:
+    """The training job: data (summary printed), model, task, Trainer with
+    ScalerCallback; plots at the end. ``dry_run``: stop after the summary and print the
+    config and the expanded loss."""
     run_dir = output_dir()
     L.seed_everything(cfg.seed, workers=True)
-    datamodule = _datamodule(cfg)
-    datamodule.setup()
-    targets = datamodule.target_options
-    loss = OmegaConf.to_container(cfg.loss, resolve=True)
-    if cfg.get("options"):  # metatrain drops the terms of gradients the data lacks
-        loss, dropped = loss_for_data(loss, targets)
-        if dropped:
-            _announce(f"loss terms without data (not used): {', '.join(dropped)}")
-    model_config = model_config_for_data(cfg, datamodule)
-    task = AtomisticTask(
-        hydra.utils.instantiate(model_config),
-        loss,
-        targets,
-        **optimizer_arguments(cfg),
-        per_structure_targets=list(cfg.scaler.per_structure_targets),
-        global_mean=cfg.global_mean,
-        model_config=model_config,
+    with user_input():
+        datamodule, data_warnings = read_data(cfg)
+        targets = datamodule.target_options
+        loss, expanded, dropped = loss_for_data(cfg, targets, explicit_loss)
+        LossSchedule(expanded, cfg.loss_schedule, targets)  # the stages, on the data's terms
+    _print(
+        start_up_summary(
+            datamodule.summary(), loss_summary(expanded, targets, dropped), data_warnings
+        )
     )
-    checkpoint = ModelCheckpoint(
-        dirpath=str(run_dir / "checkpoints"), monitor="val/loss", save_last=True
-    )
-    callbacks: list = [checkpoint, EpochLog()]
+    if cfg.dry_run:
+        _print(OmegaConf.to_yaml(cfg, resolve=True))
+        _print("# expanded loss config")
+        _print(OmegaConf.to_yaml(OmegaConf.create({"loss": expanded})))
+        return {"loss": expanded}
+    with user_input():
+        model_config = model_config_for_data(cfg, datamodule)
+        model = hydra.utils.instantiate(model_config)
+        task = AtomisticTask(
+            model,
+            loss,
+            targets,
+            **optimizer_arguments(cfg),
+            per_structure_targets=list(cfg.scaler.per_structure_targets),
+            global_mean=cfg.global_mean,
+            model_config=model_config,
+        )
+    monitor = "val/loss" if len(datamodule.val_dataset) else "train/loss"
+    best, last = checkpoint_callbacks(run_dir, monitor)
+    callbacks: list = [best, last, EpochLog()]
     if cfg.scaler.scale_targets:
         callbacks.append(_scaler_callback(cfg, list(task.dos_targets)))
+    if cfg.loss_schedule:
+        callbacks.append(LossScheduleCallback(cfg.loss_schedule))
     trainer = _trainer(cfg, run_dir, callbacks)
     if trainer.is_global_zero:
         write_split(datamodule, run_dir)
     trainer.fit(task, datamodule, ckpt_path=cfg.ckpt_path)
-    if len(datamodule.test_dataset) == 0:  # e.g. metatrain's default test_set: 0
-        _announce("no test set: the final evaluation and report use the validation set")
-        datamodule.test_dataset = datamodule.val_dataset
-    results = trainer.test(task, datamodule, verbose=False)
+    has_test = len(datamodule.test_dataset) > 0
+    results = trainer.test(task, datamodule, verbose=False) if has_test else []
     if trainer.is_global_zero:
         torch.save(task.inference_model(), run_dir / "model.pt")
-        write_report(task, datamodule.test_dataloader(), run_dir, run_dir / "metrics.csv")
+        loader = datamodule.test_dataloader() if has_test else None
+        write_report(task, loader, run_dir, run_dir / "metrics.csv")
         print(f"outputs written to {run_dir}")
-    return {"test": results[0] if results else {}, "best": checkpoint.best_model_path}
-
-
-def write_split(datamodule: AtomisticDataModule, run_dir: Path) -> None:
-    """``indices/training.txt``, ``validation.txt``, ``test.txt`` (metatrain's format):
-    the structures of each set, as indices into their file."""
-    names = {"train": "training", "val": "validation", "test": "test"}
-    for stage, indices in datamodule.split.items():
-        write_indices(run_dir / "indices" / f"{names[stage]}.txt", indices)
+    return {"test": results[0] if results else {}, "best": best.best_model_path}
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``ckpt_path`` on every structure of ``data.path`` (or the embedded
     dataset): metrics table, parity plots, DOS overlays under the run directory."""
-    if not cfg.ckpt_path:
-        raise ValueError("mode=evaluate needs ckpt_path=<checkpoint of a training run>")
     run_dir = output_dir()
-    task = AtomisticTask.load_from_checkpoint(cfg.ckpt_path, map_location="cpu")
-    data = _datamodule(cfg)
-    path, _, extra = data._sources()
-    targets = training_targets(cfg) or task.target_options
-    # the structures in the dtype of the checkpoint's model (float32 for metatrain's)
-    dtype = next(task.model.parameters(), torch.empty(0, dtype=data.dtype)).dtype
-    dataset = AtomisticDataset.from_file(path, targets, extra, dtype=dtype)
+    with user_input():
+        if not cfg.ckpt_path:
+            raise ValueError("mode=evaluate needs ckpt_path=<checkpoint of a training run>")
+        task = AtomisticTask.load_from_checkpoint(cfg.ckpt_path, map_location="cpu")
+        data = _datamodule(cfg)
+        path, _, extra = data._sources()
+        targets = configured_targets(cfg) or task.target_options
+        # the structures in the dtype of the checkpoint's model (float32 for metatrain's)
+        dtype = next(task.model.parameters(), torch.empty(0, dtype=data.dtype)).dtype
+        dataset = AtomisticDataset.from_file(path, targets, extra, dtype=dtype)
+    report = DataReport.from_dataset(
+        dataset, {"test": range(len(dataset))}, files=[path], configured_targets=targets
+    )
+    _print(start_up_summary(report.text(), f"checkpoint: {cfg.ckpt_path}", report.warnings()))
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=cfg.data.batch_size, collate_fn=collate, shuffle=False
     )
@@ -314,30 +495,58 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Validate the loss config, then train (or ``dry_run``: print it; or evaluate)."""
-    translation = options_translation(cfg)
-    if translation is not None:
-        _announce(format_not_acted_on(translation.path, translation.not_acted_on))
-    expanded = expand_loss_config(cfg.loss, loss_targets(cfg, translation))
-    if cfg.dry_run:
-        print(OmegaConf.to_yaml(cfg, resolve=True))
-        print("# expanded loss config")
-        print(OmegaConf.to_yaml(OmegaConf.create({"loss": expanded})))
-        return {"loss": expanded}
-    if cfg.mode == "evaluate":
+    """Check the loss config (before any data is read), then train (``dry_run``: print
+    the data summary, the config and the expanded loss, and stop) or evaluate.
+
+    Config and data mistakes raise :class:`UserInputError` (a ``ValueError``).
+    """
+    explicit = explicit_loss_paths(command_line_overrides())
+    with user_input():
+        translation = options_translation(cfg)
+        if translation is not None:
+            _print(format_not_acted_on(translation.path, translation.not_acted_on))
+        check_loss_config(cfg, explicit)
+        if cfg.mode not in ("train", "evaluate"):
+            raise ValueError(f"mode: expected 'train' or 'evaluate', got {cfg.mode!r}")
+    if cfg.mode == "evaluate" and not cfg.dry_run:
         return evaluate(cfg)
-    if cfg.mode != "train":
-        raise ValueError(f"mode: expected 'train' or 'evaluate', got {cfg.mode!r}")
-    return train(cfg)
+    return train(cfg, explicit)
+
+
+def report_user_error(error: BaseException, run_dir: Path | None = None) -> None:
+    """Print a config/data mistake as Hydra prints its own: the message, no traceback."""
+    print(f"Error: {error}", file=sys.stderr)
+    where = f"The config and log of this run are in {run_dir}. " if run_dir else ""
+    print(
+        f"{where}Set the environment variable HYDRA_FULL_ERROR=1 for the full traceback.",
+        file=sys.stderr,
+    )
+
+
+def run_cli(cfg: DictConfig) -> dict[str, Any]:
+    """Hydra's task function: :func:`run`, with user errors reported without traceback."""
+    try:
+        return run(cfg)
+    except UserInputError as error:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        report_user_error(error, output_dir() if HydraConfig.initialized() else None)
+        sys.exit(1)
 
 
 def main() -> None:
     """Console entry point (also ``python -m pl_mtt.train``)."""
     register_configs()
     args = merge_loss_shorthand_overrides(sys.argv[1:])
-    register_options_config(args)
+    try:
+        register_options_config(args)
+    except (ValueError, ImportError) as error:  # a bad options file: a user error
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        report_user_error(error)
+        sys.exit(1)
     sys.argv = [sys.argv[0], *args]
-    app = hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")(run)
+    app = hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")(run_cli)
     app()
 
 

@@ -319,7 +319,16 @@ class ScalerCallback(pl.Callback):
     def _shard(loader: Any, rank: int, world_size: int) -> tuple[Iterable[Any], int | None]:
         """This rank's strided share: structures ``rank::world_size`` of a map-style
         DataLoader's dataset (same batch size and collate function), otherwise batches
-        ``rank::world_size`` of the iterable. Never padded."""
+        ``rank::world_size`` of the iterable. Never padded. A loader whose sampler
+        already gives this rank its share with each structure once over all ranks
+        (``each_sample_once``, e.g. batches bounded by atoms) is used as it is."""
+        sampler = getattr(loader, "sampler", None)
+        if (
+            getattr(sampler, "each_sample_once", False)
+            and getattr(sampler, "num_replicas", None) == world_size
+            and getattr(sampler, "rank", None) == rank
+        ):
+            return loader, len(loader)
         if (
             isinstance(loader, DataLoader)
             and not isinstance(loader.dataset, IterableDataset)

@@ -21,7 +21,14 @@ from matplotlib.figure import Figure
 
 from pl_mtt.training.evaluation import Collected
 
-__all__ = ["dos_overlays", "learning_curves", "parity_plots", "write_metrics_table"]
+__all__ = [
+    "dos_overlays",
+    "learning_curve_figure",
+    "learning_curves",
+    "parity_plots",
+    "read_metrics_csv",
+    "write_metrics_table",
+]
 
 
 def _file_name(name: str) -> str:
@@ -43,6 +50,26 @@ def read_metrics_csv(path: str | Path) -> dict[str, list[tuple[float, float]]]:
     return dict(series)
 
 
+def learning_curve_figure(metric: str, stages: dict[str, list[tuple[float, float]]]) -> Figure:
+    """One metric against the epoch (1-based), a line with markers per stage (``train``,
+    ``val``; ``test`` as points), on a log scale when every value is positive. Every
+    point has a marker, so a run of a single epoch still shows its values."""
+    figure = Figure(figsize=(5, 3.5))
+    axes = figure.subplots()
+    for stage, points in stages.items():
+        epochs, values = zip(*points, strict=True)
+        style = "o" if stage == "test" else "-o"
+        axes.plot(np.asarray(epochs) + 1, values, style, markersize=3, label=stage)
+    axes.set_xlabel("epoch")
+    axes.set_ylabel(metric)
+    if all(v > 0 for pts in stages.values() for _, v in pts):
+        axes.set_yscale("log")
+    axes.legend()
+    axes.set_title(metric)
+    figure.tight_layout()
+    return figure
+
+
 def learning_curves(metrics_csv: str | Path, out_dir: str | Path) -> list[Path]:
     """One PNG per metric (train, val and test on a log scale against the epoch)."""
     out_dir = Path(out_dir)
@@ -54,21 +81,8 @@ def learning_curves(metrics_csv: str | Path, out_dir: str | Path) -> list[Path]:
             by_metric[metric][stage] = points
     written = []
     for metric, stages in sorted(by_metric.items()):
-        figure = Figure(figsize=(5, 3.5))
-        axes = figure.subplots()
-        for stage, points in stages.items():
-            epochs, values = zip(*points, strict=True)
-            style = "o" if stage == "test" else "-"
-            axes.plot(np.asarray(epochs) + 1, values, style, label=stage)
-        axes.set_xlabel("epoch")
-        axes.set_ylabel(metric)
-        if all(v > 0 for pts in stages.values() for _, v in pts):
-            axes.set_yscale("log")
-        axes.legend()
-        axes.set_title(metric)
-        figure.tight_layout()
         path = out_dir / f"learning_curve_{_file_name(metric)}.png"
-        figure.savefig(path, dpi=100)
+        learning_curve_figure(metric, stages).savefig(path, dpi=100)
         written.append(path)
     return written
 

@@ -62,10 +62,12 @@ class DataConfig:
         data:
           dataset: emt              # an embedded dataset, or null with `path`
           path: null                # any file ase.io.read understands
+          n_structures: null        # embedded: how many; a file: the first n
           targets:                  # the spec's training_set.targets form
-            energy: {quantity: energy, key: energy, forces: true, stress: true}
+            energy: {quantity: energy, key: dft_energy, forces: dft_forces}  # stress: detected
           extra_data: {}            # name -> {read_from: file.mts}
           batch_size: 8
+          max_atoms_per_batch: null # or N: batches of at most N atoms, balanced across ranks
     """
 
     dataset: str | None = "emt"
@@ -80,6 +82,8 @@ class DataConfig:
     test_set: Any = None
     batch_size: int = 8
     drop_last: bool = False
+    max_atoms_per_batch: int | None = None
+    min_atoms_per_batch: int = 0
     num_workers: int = 0
     split_seed: int = 0
     dtype: str = "float64"
@@ -122,6 +126,7 @@ class TrainConfig:
     model: Any = None
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     loss: Any = "mse"
+    loss_schedule: list[Any] = field(default_factory=list)
     scaler: ScalerConfig = field(default_factory=ScalerConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     seed: int = 0

@@ -141,6 +141,8 @@ class AtomisticTask(pl.LightningModule):
         self.test_metrics = PhysicalMetrics(specs, "test")
         self.scaler: torch.nn.Module | None = None
         self.composition: torch.nn.Module | None = None
+        # the last training epoch (0-based): the epoch of the test row in the logs
+        self.last_train_epoch: int | None = None
 
     # -- the pipeline ----------------------------------------------------------------
     def forward(self, systems: list) -> dict[str, TensorMap]:
@@ -228,6 +230,9 @@ class AtomisticTask(pl.LightningModule):
         total = sum(weights[name] * value for name, value in terms.items())
         logged = {f"{stage}/loss/{name}": value for name, value in terms.items()}
         logged[f"{stage}/loss"] = total
+        if stage == "test" and self.last_train_epoch is not None:
+            # Lightning would log the epoch counter, one past the last trained epoch
+            logged["epoch"] = float(self.last_train_epoch)
         # the aggregates are already global and identical on every rank: "max" returns
         # them exactly (and keeps Lightning's epoch-level bookkeeping consistent)
         self.log_dict(logged, on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max")
@@ -239,6 +244,7 @@ class AtomisticTask(pl.LightningModule):
         metrics.reset()
 
     def on_train_epoch_end(self) -> None:
+        self.last_train_epoch = self.current_epoch
         self._log_epoch("train")
 
     def on_validation_epoch_end(self) -> None:
@@ -249,6 +255,8 @@ class AtomisticTask(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         ScalerCallback.restore(self, checkpoint)  # scaler/composition before the weights
+        if "epoch" in checkpoint:
+            self.last_train_epoch = int(checkpoint["epoch"])
 
     def configure_optimizers(self) -> Any:
         hparams = self.hparams
