@@ -233,6 +233,7 @@ def test_keys_not_acted_on_are_listed_with_their_reason(files):
         "best_model_metric": "loss",
         "batch_size": 4,
         "atomic_baseline": {"energy": -3.0},
+        "min_atoms_per_batch": 10,  # without max_atoms_per_batch
     }
     translation = translate(files, options)
     listed = dict(translation.not_acted_on)
@@ -243,8 +244,13 @@ def test_keys_not_acted_on_are_listed_with_their_reason(files):
         "architecture.training.checkpoint_interval",
         "architecture.training.best_model_metric",
         "architecture.training.atomic_baseline",
+        "architecture.training.min_atoms_per_batch",
     }
     assert "Lightning logger" in listed["wandb"]
+    assert "needs max_atoms_per_batch" in listed["architecture.training.min_atoms_per_batch"]
+    options["architecture"]["training"]["max_atoms_per_batch"] = 200
+    data = translate(files, options).config["data"]
+    assert (data["max_atoms_per_batch"], data["min_atoms_per_batch"]) == (200, 10)
     text = format_not_acted_on(translation.path, translation.not_acted_on)
     assert text.count("\n") == len(listed)
     assert re.search(r"\n  architecture\.training\.log_interval +pl_mtt logs every epoch", text)
@@ -362,7 +368,8 @@ def test_dry_run_prints_the_merged_config_and_stops(files, capsys, monkeypatch, 
     result = run(cfg)
     printed = capsys.readouterr().out
     config_text = printed.split("# expanded loss config")[0]
-    merged = yaml.safe_load(config_text[config_text.index("\ndata:") + 1 :])
+    start = re.search(r"(?m)^data:\n  dataset:", config_text).start()  # after the summary
+    merged = yaml.safe_load(config_text[start:])
     assert merged["trainer"]["max_epochs"] == 3
     assert merged["model"]["architecture"] == "soap_bpnn"
     assert merged["optimizer"]["schedule"] == "warmup_cosine"

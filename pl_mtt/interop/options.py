@@ -36,6 +36,8 @@ options file                             pl_mtt
 ``fixed_scaling_weights``,               ``scaler.per_structure_targets``
 ``per_structure_targets``
 ``training.num_workers``                 ``data.num_workers``
+``training.max_atoms_per_batch``,        ``data.max_atoms_per_batch``,
+``min_atoms_per_batch``                  ``data.min_atoms_per_batch``
 =======================================  =============================================
 """
 
@@ -73,8 +75,6 @@ TRAINING_NOT_ACTED_ON = {
     "log_separate_blocks": "pl_mtt logs one metric per target and gradient",
     "distributed": "distributed runs are Lightning's: trainer.devices, trainer.strategy",
     "distributed_port": "distributed runs are Lightning's: trainer.devices, trainer.strategy",
-    "max_atoms_per_batch": "batches have data.batch_size structures (no atom-count batching)",
-    "min_atoms_per_batch": "batches have data.batch_size structures (no atom-count batching)",
     "atomic_baseline": "the composition baseline is fitted (fixed baselines are not supported)",
     "finetune": "pl_mtt trains from scratch (fine-tuning is not supported)",
 }
@@ -156,7 +156,10 @@ def _translate(
     training = merge_hypers(architecture_defaults(name)["training"], user_training)
     not_acted_on = [(k, BASE_NOT_ACTED_ON[k]) for k in options if k in BASE_NOT_ACTED_ON]
     for key in user_training:
-        if key in TRAINING_NOT_ACTED_ON:
+        if key == "min_atoms_per_batch" and training.get("max_atoms_per_batch") is None:
+            reason = "it bounds batches packed by atom count, which needs max_atoms_per_batch"
+            not_acted_on.append((f"architecture.training.{key}", reason))
+        elif key in TRAINING_NOT_ACTED_ON:
             not_acted_on.append((f"architecture.training.{key}", TRAINING_NOT_ACTED_ON[key]))
         elif key not in _TRAINING_ACTED_ON:
             reason = f"a hyper of {name}'s own trainer that pl_mtt does not implement"
@@ -218,6 +221,8 @@ _TRAINING_ACTED_ON = (
     "fixed_scaling_weights",
     "per_structure_targets",
     "num_workers",
+    "max_atoms_per_batch",
+    "min_atoms_per_batch",
 )
 
 
@@ -394,6 +399,10 @@ def _data_config(
         "drop_last": True,  # metatrain's training loaders drop the incomplete batch
         "num_workers": training.get("num_workers") or 0,
     }
+    max_atoms = training.get("max_atoms_per_batch")
+    if max_atoms is not None:  # batches packed by atom count (pl_mtt's AtomBatchSampler)
+        data["max_atoms_per_batch"] = max_atoms
+        data["min_atoms_per_batch"] = training.get("min_atoms_per_batch", 0)
     for key, stage in (("validation_set", "val"), ("test_set", "test")):
         value = _single(options.get(key, 0.0), key)
         if isinstance(value, (int, float)):
