@@ -8,11 +8,14 @@
 - :mod:`pl_mtt.training`: :class:`ScalerCallback`, :class:`LossScheduleCallback`,
   :class:`AtomisticTask`, metrics and the Hydra app (``python -m pl_mtt.train``);
 - :mod:`pl_mtt.data`, :mod:`pl_mtt.models`: readers and datamodule, reference models;
-- :mod:`pl_mtt.tensormaps`: helpers on metatensor objects.
+- :mod:`pl_mtt.tensormaps`: helpers on metatensor objects;
+- :mod:`pl_mtt.interop`: metatomic export (``python -m pl_mtt.export``) and
+  :func:`calculator`, an ASE calculator for an exported model or a checkpoint.
 """
 
 from pl_mtt import _legacy_paths, scaling
 from pl_mtt.config import expand_loss_config
+from pl_mtt.interop.ase_calculator import calculator
 from pl_mtt.loss_module import LossModule
 from pl_mtt.scaling import CompositionModel, Scaler, fit_pass
 from pl_mtt.training import (
@@ -34,6 +37,7 @@ __all__ = [
     "PhysicalMetrics",
     "Scaler",
     "ScalerCallback",
+    "calculator",
     "expand_loss_config",
     "fit_pass",
     "scaling",

@@ -33,6 +33,23 @@ def python_subprocess(
     )
 
 
+def quiet_trainer(**options):
+    """A CPU ``lightning.Trainer`` without logger, checkpoints, progress bar or summary,
+    with gradients in evaluation (forces are autograd gradients); ``options`` add or
+    replace Trainer arguments."""
+    import lightning.pytorch as pl
+
+    defaults = {
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "inference_mode": False,
+    }
+    return pl.Trainer(**{**defaults, **options})
+
+
 @pytest.fixture
 def run_python():
     """Fixture form of :func:`python_subprocess`."""

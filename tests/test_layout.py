@@ -155,6 +155,9 @@ def test_every_folder_says_what_lives_there():
         ("pl_mtt.data", ["AtomisticDataModule", "AtomisticDataset", "collate"]),
         ("pl_mtt.models", ["RadialMLP"]),
         ("pl_mtt.train", ["main"]),
+        ("pl_mtt.export", ["main"]),
+        ("pl_mtt.interop", ["export_model", "atomistic_model", "calculator"]),
+        ("pl_mtt.data", ["requested_neighbor_lists", "attach_neighbor_lists"]),
         ("pl_mtt.tensormaps", ["ensemble_output_name", "zero_sample_layout"]),
     ],
 )

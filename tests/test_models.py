@@ -365,3 +365,15 @@ def test_raw_outputs_are_torchscript_and_equal_the_training_forward():
     rows = per_atom.block().values[:, 0]
     expected = torch.stack([rows[1] + rows[3], rows.new_zeros(()), rows[4 + 3]])
     torch.testing.assert_close(chosen["energy"].block().values[:, 0], expected)
+
+
+def test_structures_without_pairs():
+    """Isolated atoms (no neighbour within the cutoff): the energy is the sum of the
+    atoms' own terms and the forces vanish."""
+    net = model()
+    far = ase.Atoms("CuAu", positions=[[0, 0, 0], [0, 0, 10.0]])
+    out = net([atoms_to_system(far)])["energy"].block()
+    single = [atoms_to_system(ase.Atoms(s, positions=[[0, 0, 0]])) for s in ("Cu", "Au")]
+    separate = net(single)["energy"].block().values.sum()
+    torch.testing.assert_close(out.values.sum(), separate)
+    assert out.gradient("positions").values.abs().max() == 0

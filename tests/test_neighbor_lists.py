@@ -6,7 +6,6 @@ from __future__ import annotations
 import warnings
 
 import ase.build
-import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
@@ -24,6 +23,7 @@ from pl_mtt.data import (
     requested_neighbor_lists,
 )
 from pl_mtt.models import RadialMLP
+from tests.conftest import quiet_trainer
 
 CUTOFF = 4.0
 
@@ -108,17 +108,7 @@ def test_training_computes_each_structure_list_once(monkeypatch, tmp_path):
     data.setup()
     model = RadialMLP(cutoff=CUTOFF, n_radial=4, type_dim=2, hidden=[8])
     task = AtomisticTask(model, "mse", data.target_options)
-    trainer = pl.Trainer(
-        max_epochs=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        inference_mode=False,
-        callbacks=[ScalerCallback()],
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(max_epochs=2, callbacks=[ScalerCallback()], default_root_dir=tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(task, data)

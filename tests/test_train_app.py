@@ -13,7 +13,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from pl_mtt import AtomisticTask
-from pl_mtt.data import AtomisticDataModule, collate, embedded_dataset
+from pl_mtt.data import AtomisticDataModule, atoms_to_system, collate, embedded_dataset
 from pl_mtt.training.app import config_dir, run
 from pl_mtt.training.schema import register_configs
 
@@ -62,7 +62,8 @@ def tiny_run(tmp_path_factory, cache):
     from tests.conftest import python_subprocess
 
     root = tmp_path_factory.mktemp("tiny")
-    result = python_subprocess(["-m", "pl_mtt.train", *TINY], cwd=root, env=cache)
+    metadata = ["export.name=Tiny EMT", "export.authors=[A. Author]"]
+    result = python_subprocess(["-m", "pl_mtt.train", *TINY, *metadata], cwd=root, env=cache)
     assert result.returncode == 0, result.stderr[-4000:]
     return _run_dir(root), result
 
@@ -113,6 +114,49 @@ def test_saved_model_carries_scales_and_baseline(tiny_run, cache, monkeypatch):
     error = (physical - targets["energy"].block().values).abs()
     n_atoms = torch.tensor([[len(s)] for s in systems], dtype=error.dtype)
     assert float((error / n_atoms).max()) < 1.0  # eV/atom: not off by a scale or baseline
+
+
+def test_run_writes_a_metatomic_model_that_mtt_eval_runs(
+    tiny_run, tmp_path, cache, run_python, monkeypatch
+):
+    """The run's ``model-metatomic.pt``: metatrain's ``mtt eval`` (its second argument is
+    an options file) gives the energies and forces of the checkpoint's AtomisticTask."""
+    from metatomic.torch import load_atomistic_model
+
+    from pl_mtt.interop.export import main as export_main
+
+    run_dir, _ = tiny_run
+    exported = run_dir / "model-metatomic.pt"
+    metadata = load_atomistic_model(exported).metadata()
+    assert (metadata.name, metadata.authors) == ("Tiny EMT", ["A. Author"])
+    # the command line reads the metadata from the run's config
+    again = export_main([str(run_dir / "checkpoints" / "last.ckpt"), "-o", str(tmp_path / "x.pt")])
+    assert load_atomistic_model(again).metadata().name == "Tiny EMT"
+    monkeypatch.setenv("PL_MTT_CACHE", cache["PL_MTT_CACHE"])
+    frames = ase.io.read(embedded_dataset("emt", n_structures=16).path, index=":4")
+    ase.io.write(tmp_path / "structures.xyz", frames, format="extxyz")
+    (tmp_path / "options.yaml").write_text(
+        "systems: {read_from: structures.xyz, length_unit: angstrom}\n"
+        "targets:\n"
+        "  energy: {key: energy, unit: eV, forces: {key: forces}, stress: false}\n"
+    )
+    result = run_python(
+        ["-m", "metatrain", "eval", str(exported), "options.yaml", "-o", "predicted.xyz"],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    predicted = ase.io.read(tmp_path / "predicted.xyz", index=":")
+    task = AtomisticTask.load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    systems = [atoms_to_system(atoms) for atoms in frames]
+    with torch.enable_grad():
+        expected = task(systems)["energy"].block()
+    energies = torch.tensor([atoms.get_potential_energy() for atoms in predicted])
+    torch.testing.assert_close(energies, expected.values[:, 0], rtol=1e-10, atol=0)
+    gradients = torch.cat(
+        [torch.tensor(atoms.info["energy_positions_gradients"]) for atoms in predicted]
+    )  # dE/dr (metatrain's name of the gradient of an exported model's energy)
+    expected_gradients = expected.gradient("positions").values[:, :, 0]
+    torch.testing.assert_close(gradients, expected_gradients, rtol=1e-8, atol=1e-10)
 
 
 def test_resume_continues_from_the_last_epoch_and_keeps_the_scales(

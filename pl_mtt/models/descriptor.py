@@ -82,8 +82,8 @@ class RadialDescriptor(torch.nn.Module):
         )
         neighbor_types = self.neighbor_embedding(types[neighbors].long())
         pair_features = (radial[:, :, None] * neighbor_types[:, None, :]).reshape(
-            distances.shape[0], -1
-        )
+            distances.shape[0], self.n_radial * self.type_dim
+        )  # explicit width: a structure may have no pair at all
         summed = torch.zeros(
             (types.shape[0], pair_features.shape[1]), dtype=radial.dtype, device=radial.device
         ).index_add(0, centers, pair_features)

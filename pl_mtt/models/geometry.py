@@ -26,7 +26,13 @@ from metatomic.torch import NeighborListOptions, System
 from pl_mtt.tensormaps.block_ops import lazy_script
 from pl_mtt.tensormaps.neighbors import attach_neighbor_lists
 
-__all__ = ["BatchGeometry", "batch_geometry", "neighbor_pairs", "system_of_atoms"]
+__all__ = [
+    "BatchGeometry",
+    "batch_geometry",
+    "geometry_from_pairs",
+    "neighbor_pairs",
+    "system_of_atoms",
+]
 
 
 @dataclass
@@ -137,8 +143,27 @@ def batch_geometry(
     )
     attach_neighbor_lists(systems, [options])
     centers, neighbors, shifts, pair_system, _ = _compiled_neighbor_pairs(systems, options)
-    atom_system, atom_index = system_of_atoms(systems)
+    return geometry_from_pairs(
+        systems,
+        (centers, neighbors, shifts, pair_system),
+        positions_grad=positions_grad,
+        strain_grad=strain_grad,
+    )
 
+
+def geometry_from_pairs(
+    systems: list[System],
+    pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    *,
+    positions_grad: bool,
+    strain_grad: bool,
+) -> BatchGeometry:
+    """The batch geometry of ``systems`` from their pairs ``(centers, neighbors,
+    cell_shifts, pair_system)`` (as :func:`neighbor_pairs` returns them): pair vectors
+    rebuilt from the positions, the cells and the integer shifts, with a strain when
+    ``strain_grad``."""
+    centers, neighbors, shifts, pair_system = pairs
+    atom_system, atom_index = system_of_atoms(systems)
     positions = torch.cat([system.positions for system in systems])
     cells = torch.stack([system.cell for system in systems])
     if positions_grad and not positions.requires_grad:

@@ -64,6 +64,7 @@ from pl_mtt.data import (
     write_indices,
 )
 from pl_mtt.interop import OptionsTranslation, format_not_acted_on, translate_options
+from pl_mtt.interop.export import export_run_model
 from pl_mtt.registry import loss_type_names
 from pl_mtt.training.callbacks import ScalerCallback
 from pl_mtt.training.epoch_log import EpochLog
@@ -460,6 +461,7 @@ def train(cfg: DictConfig, explicit_loss: Sequence[tuple[str, ...]] = ()) -> dic
     results = trainer.test(task, datamodule, verbose=False) if has_test else []
     if trainer.is_global_zero:
         torch.save(task.inference_model(), run_dir / "model.pt")
+        export_run_model(task, run_dir, cfg.export, unscaled=not cfg.scaler.scale_targets)
         loader = datamodule.test_dataloader() if has_test else None
         write_report(task, loader, run_dir, run_dir / "metrics.csv")
         print(f"outputs written to {run_dir}")

@@ -21,6 +21,7 @@ from hydra.core.config_store import ConfigStore
 
 __all__ = [
     "DataConfig",
+    "ExportConfig",
     "OptimizerConfig",
     "ScalerConfig",
     "TrainConfig",
@@ -119,6 +120,27 @@ class OptimizerConfig:
 
 
 @dataclass
+class ExportConfig:
+    """The metatomic model written at the end of a run, and its metadata.
+
+    .. code-block:: yaml
+
+        export:
+          path: model-metatomic.pt     # relative to the run directory; null: not written
+          name: Cu/Au EMT potential    # default: "pl_mtt <model class> (<targets>)"
+          description: null            # default: what was trained
+          authors: []
+          references: {}               # implementation / architecture / model: [...]
+    """
+
+    path: str | None = "model-metatomic.pt"
+    name: str | None = None
+    description: str | None = None
+    authors: list[str] = field(default_factory=list)
+    references: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class TrainConfig:
     """The whole app config (``conf/config.yaml`` composes onto this)."""
 
@@ -129,6 +151,7 @@ class TrainConfig:
     loss_schedule: list[Any] = field(default_factory=list)
     scaler: ScalerConfig = field(default_factory=ScalerConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     seed: int = 0
     mode: str = "train"
     dry_run: bool = False
