@@ -17,7 +17,14 @@ import yaml
 from metatomic.torch import System
 
 from pl_mtt import AtomisticTask, ScalerCallback
-from pl_mtt.data import AtomisticDataModule, atoms_to_system, embedded_dataset
+from pl_mtt.data import (
+    AtomisticDataModule,
+    atoms_to_system,
+    collate,
+    embedded_dataset,
+    system_to_atoms,
+)
+from pl_mtt.interop import calculator, export_model
 from pl_mtt.models import MetatrainModel
 from pl_mtt.models import metatrain as adapter
 from pl_mtt.training.optim import warmup_cosine_factor
@@ -242,9 +249,10 @@ def emt_data(tmp_path_factory):
         ),
     ],
 )
-def test_one_training_step_under_lightning(architecture, optimizer, emt_data):
+def test_one_training_step_under_lightning(architecture, optimizer, emt_data, tmp_path):
     """A real Trainer step on CPU: scales fitted by the ScalerCallback, the trainer's
-    optimizer and per-step warmup + cosine schedule, gradient clipping for PET."""
+    optimizer and per-step warmup + cosine schedule, gradient clipping for PET; then the
+    metatomic export (scales and baseline inside) predicts what the task predicts."""
     model = MetatrainModel(
         architecture,
         TINY[architecture],
@@ -294,3 +302,19 @@ def test_one_training_step_under_lightning(architecture, optimizer, emt_data):
     assert math.isclose(factor(2), 0.0, abs_tol=1e-15)
     if clipped:
         assert all(norm <= 1e-3 * (1 + 1e-6) for norm in clipped)
+    # the exported model (TorchScript, through raw_outputs) in an ASE calculator
+    path = export_model(task, tmp_path / "model.pt")
+    ase_calculator = calculator(path)
+    task.eval()
+    systems, _, _ = collate([emt_data.train_dataset[i] for i in range(2)])
+    expected = task(systems)["energy"].block()
+    forces = -expected.gradient("positions").values[:, :, 0].detach()
+    offset = 0
+    for index, system in enumerate(systems):
+        atoms = system_to_atoms(system)
+        atoms.calc = ase_calculator
+        energy = expected.values[index, 0]
+        assert atoms.get_potential_energy() == pytest.approx(float(energy), rel=1e-10)
+        got = torch.from_numpy(atoms.get_forces())
+        torch.testing.assert_close(got, forces[offset : offset + len(atoms)], rtol=1e-8, atol=1e-10)
+        offset += len(atoms)

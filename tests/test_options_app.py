@@ -79,6 +79,8 @@ def test_options_file_end_to_end(workdir, run_python):
     assert len(epoch_rows(metrics, "val/loss")) == 2
     assert epoch_rows(metrics, "test/stress/MAE")
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert (run_dir / "model-metatomic.pt").is_file()  # the metatomic export, SOAP-BPNN inside
+    assert "was not written" not in result.stderr
     assert {"parity_forces.png", "learning_curve_loss.png"} <= {
         p.name for p in (run_dir / "plots").glob("*.png")
     }

@@ -36,7 +36,7 @@ from types import ModuleType
 from typing import Any
 
 import torch
-from metatensor.torch import TensorBlock, TensorMap
+from metatensor.torch import Labels, TensorBlock, TensorMap
 from metatomic.torch import ModelOutput, NeighborListOptions, System
 
 from pl_mtt.config import is_energy_like, to_plain
@@ -255,15 +255,18 @@ class MetatrainModel(torch.nn.Module):
         self._neighbor_lists = requested_neighbor_lists(self.module)
 
     # -- what the model needs and publishes -------------------------------------------
+    @torch.jit.export
     def requested_neighbor_lists(self) -> list[NeighborListOptions]:
         """The neighbour lists the architecture reads (metatomic's convention)."""
         return list(self._neighbor_lists)
 
     @property
+    @torch.jit.unused
     def output_names(self) -> list[str]:
         return [target.name for target in self.targets]
 
     @property
+    @torch.jit.unused
     def cutoff(self) -> float:
         """The largest cutoff of the requested neighbour lists."""
         return max((options.cutoff for options in self._neighbor_lists), default=0.0)
@@ -277,7 +280,25 @@ class MetatrainModel(torch.nn.Module):
         }
         return (_rebuild, (self._arguments, state, self.training))
 
+    # -- raw outputs for simulation engines (TorchScript; pl_mtt.interop.export) --------
+    def raw_outputs(
+        self,
+        systems: list[System],
+        outputs: dict[str, ModelOutput],
+        selected_atoms: Labels | None = None,
+    ) -> dict[str, TensorMap]:
+        """The requested targets in raw units (metatomic's signature, no gradients: the
+        engine differentiates the energy through the neighbour lists it supplies)."""
+        requests: dict[str, ModelOutput] = {}
+        for name, request in outputs.items():
+            if name in self._outputs:
+                requests[name] = request
+        if len(requests) == 0:
+            return {}
+        return self.module(systems, requests, selected_atoms)
+
     # -- forward ----------------------------------------------------------------------
+    @torch.jit.unused
     def forward(self, systems: list[System]) -> dict[str, TensorMap]:
         """Raw predictions of every target (and gradients of energies) for a batch."""
         if len(systems) == 0:
