@@ -45,6 +45,8 @@ def run(device: torch.device, quick: bool, only: list[str] | None = None) -> str
         if only and name not in only:
             continue
         module = importlib.import_module(name)
+        if getattr(module, "STANDALONE", False):  # runs on its own (bench_metatrain)
+            continue
         for case in module.cases(device, quick):
             row = compare(case, device)
             rows.append(row)

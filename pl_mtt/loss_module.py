@@ -33,8 +33,9 @@ from pl_mtt.tensormaps.builders import TensorMaps, ensemble_output_name
 
 __all__ = ["LossAggregate", "LossModule"]
 
-# loss types whose targets never get per-property scales (DESIGN decision 4)
-NO_PROPERTY_SCALES = ("masked_dos",)
+# loss types whose targets never get per-property scales (DESIGN decision 4): shift-aligned
+# profiles, where a per-point scale would move the alignment
+NO_PROPERTY_SCALES = ("masked_dos", "shift_agnostic_mse")
 
 
 class LossAggregate(Metric):

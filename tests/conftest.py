@@ -70,3 +70,18 @@ def _seeded_global_rng():
     """Tests that draw from torch's global generator see the same numbers whatever ran
     before them (the test order, or a selection with -k, changes nothing)."""
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def without_metatrain(monkeypatch):
+    """``importlib.import_module`` fails for metatrain, as if it were not installed."""
+    import importlib
+
+    real = importlib.import_module
+
+    def import_module(name, *args, **kwargs):
+        if name.startswith("metatrain"):
+            raise ModuleNotFoundError(f"No module named '{name}'")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib, "import_module", import_module)

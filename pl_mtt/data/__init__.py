@@ -23,6 +23,7 @@ from pl_mtt.data.dataset import AtomisticDataset
 from pl_mtt.data.embedded import EmbeddedDataset, cache_dir, embedded_dataset
 from pl_mtt.data.extra_data import read_extra_data, split_by_system
 from pl_mtt.data.file_dataset import FileDataset
+from pl_mtt.data.indices import read_indices, write_indices
 from pl_mtt.data.layout import property_labels, structure_tensor_map, zero_sample_layout
 from pl_mtt.data.memmap_dataset import MemmapDataset, MemmapDatasetWriter
 from pl_mtt.data.report import DataReport, DataWarning
@@ -66,6 +67,7 @@ __all__ = [
     "property_labels",
     "read_atoms",
     "read_extra_data",
+    "read_indices",
     "read_targets",
     "requested_neighbor_lists",
     "resolve_target_options",
@@ -75,5 +77,6 @@ __all__ = [
     "system_to_atoms",
     "write_dataset",
     "write_extxyz",
+    "write_indices",
     "zero_sample_layout",
 ]

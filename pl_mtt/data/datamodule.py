@@ -10,11 +10,15 @@
       targets:                 # spec form; empty -> the embedded dataset's targets
         energy: {quantity: energy, key: energy, forces: true, stress: true}
       extra_data: {}           # name -> {read_from: file.mts}; merged with the embedded ones
-      val_fraction: 0.1
+      val_fraction: 0.1        # random split of the training structures...
       test_fraction: 0.1
+      indices: null            # training structures of `path`: a list or an index file
+      val_set: null            # ...or {indices: list|file} (structures of `path`) or
+      test_set: null           #    {path: file, targets: ..., extra_data: ..., indices: ...}
       batch_size: 8
       max_atoms_per_batch: null   # e.g. 2000: batches packed by atom count instead
       min_atoms_per_batch: 0
+      drop_last: false         # drop the last incomplete training batch (metatrain does)
       num_workers: 0
       split_seed: 0
 
@@ -50,7 +54,7 @@ batch (checked when the loader is made).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning
@@ -58,11 +62,12 @@ import torch
 from metatomic.torch import NeighborListOptions
 from torch.utils.data import DataLoader
 
-from pl_mtt.config import to_plain
+from pl_mtt.config import check_known_keys, to_plain
 from pl_mtt.data.collate import batch_to, collate
 from pl_mtt.data.dataset import AtomisticDataset
 from pl_mtt.data.embedded import EmbeddedDataset, embedded_dataset
 from pl_mtt.data.file_dataset import FileDataset
+from pl_mtt.data.indices import check_indices, read_indices
 from pl_mtt.data.report import DataReport, DataWarning
 from pl_mtt.data.sampler import AtomBatchSampler, BatchedDataset, StridedShardSampler
 from pl_mtt.data.sources import open_dataset
@@ -114,12 +119,20 @@ class AtomisticDataModule(lightning.LightningDataModule):
             None; more than the file has is an error).
         targets: target name -> options (spec form); None/empty: the embedded ones.
         extra_data: name -> ``{read_from: file.mts}`` (added to the embedded ones).
-        val_fraction, test_fraction: split fractions (random, seeded by ``split_seed``).
+        val_fraction, test_fraction: split fractions of the training structures
+            (random, seeded by ``split_seed``); not used for a set given explicitly.
+        indices: the training structures of ``path`` (a list or an index file, see
+            :mod:`pl_mtt.data.indices`); default: all of them.
+        val_set, test_set: an explicit set: ``{indices: ...}`` (structures of ``path``;
+            the training structures are not changed, as in metatrain) or ``{path: ...,
+            targets: ..., extra_data: ..., indices: ...}`` (another file; targets and
+            extra data default to the training ones, without their ``read_from``).
         batch_size: structures per batch.
         max_atoms_per_batch: batches bounded by this many atoms instead (None: off); a
             structure with more atoms is an error.
         min_atoms_per_batch: the fewest atoms in a training batch (with
             ``max_atoms_per_batch``).
+        drop_last: drop the last incomplete batch of each training epoch.
         num_workers: ``DataLoader`` workers.
         split_seed: seed of the split (and of the training shuffle).
         dtype: ``"float64"`` (default) or ``"float32"``.
@@ -140,6 +153,10 @@ class AtomisticDataModule(lightning.LightningDataModule):
         num_workers: int = 0,
         split_seed: int = 0,
         dtype: str | torch.dtype = "float64",
+        indices: Sequence[int] | str | None = None,
+        val_set: Mapping[str, Any] | None = None,
+        test_set: Mapping[str, Any] | None = None,
+        drop_last: bool = False,
     ) -> None:
         super().__init__()
         if path is None and dataset is None:
@@ -164,6 +181,12 @@ class AtomisticDataModule(lightning.LightningDataModule):
         self.num_workers = int(num_workers)
         self.split_seed = int(split_seed)
         self.dtype = dtype
+        self.indices = to_plain(indices)
+        self.explicit_sets = {
+            "val": _explicit_set("data.val_set", to_plain(val_set)),
+            "test": _explicit_set("data.test_set", to_plain(test_set)),
+        }
+        self.drop_last = bool(drop_last)
         self.embedded: EmbeddedDataset | None = None
         self.full_dataset: AtomisticDataset | FileDataset | None = None
         self.train_dataset: AtomisticDataset | FileDataset | None = None
@@ -171,6 +194,7 @@ class AtomisticDataModule(lightning.LightningDataModule):
         self.test_dataset: AtomisticDataset | FileDataset | None = None
         self.split: dict[str, list[int]] = {}
         self.report: DataReport | None = None
+        self._other_datasets: list[AtomisticDataset | FileDataset] = []
         self.neighbor_lists: list[NeighborListOptions] = []
 
     # -- loading --------------------------------------------------------------------
@@ -225,19 +249,47 @@ class AtomisticDataModule(lightning.LightningDataModule):
         full = self._first_structures(full, path)
         full.request_neighbor_lists(self.neighbor_lists)
         self.full_dataset = full
+        candidates = list(range(len(full)))
+        if self.indices is not None:
+            candidates = read_indices(self.indices, "data.indices")
+            check_indices(candidates, len(full), "data.indices", path)
+        explicit = {
+            stage: self._explicit_dataset(stage, options, full, path, targets, extra)
+            for stage, options in self.explicit_sets.items()
+            if options is not None
+        }
+        val_fraction = 0.0 if "val" in explicit else self.val_fraction
+        test_fraction = 0.0 if "test" in explicit else self.test_fraction
         train, val, test = split_indices(
-            len(full), self.val_fraction, self.test_fraction, self.split_seed
+            len(candidates), val_fraction, test_fraction, self.split_seed
         )
-        self.split = {"train": train, "val": val, "test": test}  # indices into the file
+        # indices into the file (for a set from another file: into that file)
+        self.split = {
+            "train": [candidates[i] for i in train],
+            "val": [candidates[i] for i in val],
+            "test": [candidates[i] for i in test],
+        }
+        datasets = {"val": full.subset(self.split["val"]), "test": full.subset(self.split["test"])}
+        other_files = {}
+        for stage, (dataset, stage_indices, source) in explicit.items():
+            datasets[stage] = dataset
+            self.split[stage] = stage_indices
+            if source != path:
+                other_files[stage] = source
+        in_full = {k: v for k, v in self.split.items() if k not in other_files}
         if self.max_atoms_per_batch is not None:
-            _check_structure_sizes(full, self.max_atoms_per_batch, path, self.split)
-        self.train_dataset = full.subset(train)
-        self.val_dataset = full.subset(val)
-        self.test_dataset = full.subset(test)
+            _check_structure_sizes(full, self.max_atoms_per_batch, path, in_full)
+            for stage, source in other_files.items():
+                dataset = datasets[stage]
+                every = {stage: list(range(len(dataset)))}
+                _check_structure_sizes(dataset, self.max_atoms_per_batch, source, every)
+        self.train_dataset = full.subset(self.split["train"])
+        self.val_dataset, self.test_dataset = datasets["val"], datasets["test"]
+        self._other_datasets = [dataset for dataset, *_ in explicit.values()]
         self.report = DataReport.from_dataset(
             full,
-            self.split,
-            files=[path],
+            in_full,
+            files=[path, *other_files.values()],
             n_available=n_available,
             limit=None if self.n_structures is None else f"data.n_structures={len(full)}",
             split_seed=self.split_seed,
@@ -245,6 +297,34 @@ class AtomisticDataModule(lightning.LightningDataModule):
         )
         for message in self.report.warnings():
             warnings.warn(message, DataWarning, stacklevel=2)
+
+    def _explicit_dataset(
+        self,
+        stage: str,
+        options: dict[str, Any],
+        full: AtomisticDataset | FileDataset,
+        path: str,
+        targets: dict[str, Any],
+        extra: dict[str, Any],
+    ) -> tuple[AtomisticDataset | FileDataset, list[int], str]:
+        """An explicit validation or test set, its indices into its file and the file."""
+        what = f"data.{stage}_set"
+        source, dataset = path, full
+        if options.get("path") is not None:
+            source = str(options["path"])
+            dataset = open_dataset(
+                source,
+                options.get("targets") or _without_read_from(targets),
+                options.get("extra_data") or _without_read_from(extra),
+                dtype=self.dtype,
+            )
+            _check_same_gradients(what, dataset.target_options, full.target_options)
+            dataset.request_neighbor_lists(self.neighbor_lists)
+        if options.get("indices") is None:
+            return dataset, list(range(len(dataset))), source
+        chosen = read_indices(options["indices"], f"{what}.indices")
+        check_indices(chosen, len(dataset), f"{what}.indices", source)
+        return dataset.subset(chosen), chosen, source
 
     def _first_structures(
         self, full: AtomisticDataset | FileDataset, path: str
@@ -279,10 +359,14 @@ class AtomisticDataModule(lightning.LightningDataModule):
 
     @property
     def atomic_types(self) -> list[int]:
-        """Atomic numbers present anywhere in the data (all splits), sorted (for a zip,
-        computed on first use by reading the types of every structure)."""
+        """Atomic numbers present anywhere in the data (all splits, sets from other
+        files too), sorted (for a zip, computed on first use by reading the types of
+        every structure)."""
         self._loaded()
-        return self.full_dataset.atomic_types
+        types = set(self.full_dataset.atomic_types)
+        for dataset in self._other_datasets:
+            types.update(dataset.atomic_types)
+        return sorted(types)
 
     def layouts(self) -> dict[str, Any]:
         """Zero-sample TensorMaps describing each target (``Scaler`` layouts)."""
@@ -337,7 +421,9 @@ class AtomisticDataModule(lightning.LightningDataModule):
         if self.max_atoms_per_batch is not None:
             return self._atom_loader(self._loaded(), training=True)
         generator = torch.Generator().manual_seed(self.split_seed)
-        return self._loader(self._loaded(), shuffle=True, generator=generator)
+        return self._loader(
+            self._loaded(), shuffle=True, generator=generator, drop_last=self.drop_last
+        )
 
     def _evaluation_loader(self, dataset: AtomisticDataset | FileDataset) -> DataLoader:
         if self.max_atoms_per_batch is not None:
@@ -392,3 +478,44 @@ def _check_structure_sizes(
             f"hold ({too_large.numel()} structure(s) are too large; the largest has "
             f"{int(counts.max())} atoms)"
         )
+
+
+_EXPLICIT_SET_KEYS = ("indices", "path", "targets", "extra_data")
+
+
+def _explicit_set(what: str, options: Any) -> dict[str, Any] | None:
+    """A validated ``val_set``/``test_set`` mapping (None: use the fraction)."""
+    if options is None:
+        return None
+    if not isinstance(options, Mapping):
+        raise ValueError(f"{what}: expected a mapping ({', '.join(_EXPLICIT_SET_KEYS)})")
+    check_known_keys(options, _EXPLICIT_SET_KEYS, what)
+    if options.get("path") is None and options.get("indices") is None:
+        raise ValueError(f"{what}: give `indices` (structures of data.path) or a `path`")
+    return dict(options)
+
+
+def _without_read_from(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Per-entry options without ``read_from`` (they point at the training file)."""
+    return {
+        name: {k: v for k, v in (entry or {}).items() if k != "read_from"}
+        if isinstance(entry, Mapping)
+        else entry
+        for name, entry in options.items()
+    }
+
+
+def _check_same_gradients(
+    what: str, resolved: Mapping[str, Mapping[str, Any]], training: Mapping[str, Mapping[str, Any]]
+) -> None:
+    """A separate validation/test file must provide the training targets and gradients."""
+    for name, options in training.items():
+        if name not in resolved:
+            raise ValueError(f"{what}: target '{name}' of the training set is missing")
+        for gradient in ("forces", "stress", "virial"):
+            if bool(options.get(gradient)) != bool(resolved[name].get(gradient)):
+                raise ValueError(
+                    f"{what}: target '{name}' has {gradient} "
+                    f"{'in' if options.get(gradient) else 'not in'} the training set but "
+                    f"{'in' if resolved[name].get(gradient) else 'not in'} this set"
+                )

@@ -330,6 +330,34 @@ class LossTerm(torch.nn.Module):
         return f"name={self.target!r}{gradient}, weight={self.weight}, reduction={self.reduction!r}"
 
 
+class PerStructureLoss(LossTerm):
+    """A term with one value per structure (profiles: ``masked_dos``,
+    ``shift_agnostic_mse``): ``mean``/``sum`` over structures, ``none`` per structure.
+
+    Subclasses implement :meth:`per_structure`; :meth:`sum_and_count` returns (sum of
+    per-structure losses, number of structures).
+    """
+
+    def per_structure(
+        self, predictions: TensorMaps, targets: TensorMaps, extra_data: TensorMaps | None = None
+    ) -> torch.Tensor:
+        """One loss value per structure, ``(B,)``."""
+        raise NotImplementedError
+
+    def sum_and_count(
+        self, predictions: TensorMaps, targets: TensorMaps, extra_data: TensorMaps | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        losses = self.per_structure(predictions, targets, extra_data)
+        return losses.sum(), losses.new_full((), losses.shape[0])
+
+    def forward(
+        self, predictions: TensorMaps, targets: TensorMaps, extra_data: TensorMaps | None = None
+    ) -> torch.Tensor:
+        if self.reduction == "none":
+            return self.per_structure(predictions, targets, extra_data)
+        return super().forward(predictions, targets, extra_data)
+
+
 def block_name(tensor_map: TensorMap, index: int) -> str:
     """``block 1 (key o3_lambda=2, o3_sigma=1)`` for error messages (reads ``Labels``)."""
     entry = tensor_map.keys.entry(index)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from metatensor.torch import TensorBlock, TensorMap
 
-from pl_mtt.losses.base import LossTerm
+from pl_mtt.losses.base import PerStructureLoss
 from pl_mtt.losses.functional.dos import check_extra_targets, masked_dos_loss
 from pl_mtt.registry import REQUIRED, Param, register_loss_type
 from pl_mtt.tensormaps.builders import PER_STRUCTURE, TensorMaps, layout_signature, sample_kind
@@ -81,7 +81,7 @@ def grid_spacing_of(
     reductions=("mean", "sum", "none"),
     supports_gradients=False,
 )
-class MaskedDOSLoss(LossTerm):
+class MaskedDOSLoss(PerStructureLoss):
     """Shift-aligned masked DOS loss; ``mean``/``sum`` over structures, ``none`` per structure.
 
     :meth:`sum_and_count` returns (sum of per-structure losses, number of structures).
@@ -217,20 +217,6 @@ class MaskedDOSLoss(LossTerm):
             )
         except ValueError as error:
             raise ValueError(f"masked_dos on {self.description}: {error}") from None
-
-    def sum_and_count(
-        self, predictions: TensorMaps, targets: TensorMaps, extra_data: TensorMaps | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sum of per-structure losses, number of structures)."""
-        losses = self.per_structure(predictions, targets, extra_data)
-        return losses.sum(), losses.new_full((), losses.shape[0])
-
-    def forward(
-        self, predictions: TensorMaps, targets: TensorMaps, extra_data: TensorMaps | None = None
-    ) -> torch.Tensor:
-        if self.reduction == "none":
-            return self.per_structure(predictions, targets, extra_data)
-        return super().forward(predictions, targets, extra_data)
 
     def extra_repr(self) -> str:
         return (

@@ -7,6 +7,8 @@
     python -m pl_mtt.train loss.energy.forces=mae loss.energy.forces.weight=0.1
     python -m pl_mtt.train loss=mse dry_run=true             # print the expanded loss
     python -m pl_mtt.train -m loss.energy.forces=mse,mae     # a sweep
+    python -m pl_mtt.train options=options.yaml              # a metatrain options file
+    python -m pl_mtt.train options=options.yaml trainer.max_epochs=3 dry_run=true
 
 The loss config is validated with :func:`pl_mtt.expand_loss_config` before anything
 else runs, so a bad loss fails in a second with the key path of the problem. Then the
@@ -16,11 +18,18 @@ provide are left out (and listed), unless the command line names them: then they
 an error. Config and data mistakes print their message without a traceback
 (``HYDRA_FULL_ERROR=1`` shows it). The ``loss_schedule`` stages are checked with the loss,
 against the same targets.
+
+``options=<file>``: the metatrain options file is checked and translated
+(:func:`pl_mtt.interop.translate_options`) before Hydra composes the config; the
+translation enters the defaults list after the app's own config (``metatrain_options``
+group), so command-line overrides still apply last. Its keys that pl_mtt does not act
+on are listed once at start-up.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import re
 import sys
@@ -32,6 +41,7 @@ from typing import Any
 import hydra
 import lightning.pytorch as L  # noqa: N812
 import torch
+from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -45,10 +55,19 @@ from pl_mtt.config import (
     is_energy_like,
     restrict_loss_to_targets,
 )
-from pl_mtt.data import AtomisticDataModule, DataReport, DataWarning, collate, open_dataset
+from pl_mtt.data import (
+    AtomisticDataModule,
+    DataReport,
+    DataWarning,
+    collate,
+    open_dataset,
+    write_indices,
+)
+from pl_mtt.interop import OptionsTranslation, format_not_acted_on, translate_options
 from pl_mtt.interop.export import export_run_model
 from pl_mtt.registry import loss_type_names
 from pl_mtt.training.callbacks import ScalerCallback
+from pl_mtt.training.epoch_log import EpochLog
 from pl_mtt.training.evaluation import collect
 from pl_mtt.training.loss_schedule import LossSchedule, LossScheduleCallback
 from pl_mtt.training.plots import dos_overlays, learning_curves, parity_plots, write_metrics_table
@@ -65,9 +84,14 @@ __all__ = [
     "explicit_loss_paths",
     "main",
     "merge_loss_shorthand_overrides",
+    "model_config_for_data",
+    "optimizer_arguments",
+    "options_argument",
+    "register_options_config",
     "run",
     "run_cli",
     "train",
+    "write_split",
 ]
 
 
@@ -156,6 +180,78 @@ def assumed_targets(cfg: DictConfig) -> dict[str, Any]:
                 options["stress"] = True
         targets[name] = options
     return targets
+
+
+# -- metatrain options files ---------------------------------------------------------
+_OPTIONS_ARGUMENT = re.compile(r"^\+{0,2}options=(?P<path>.+)$")
+
+
+def options_argument(args: list[str]) -> str | None:
+    """The path of the last ``options=<file>`` command-line argument, if any."""
+    paths = [m["path"] for m in map(_OPTIONS_ARGUMENT.match, args) if m]
+    return paths[-1].strip("'\"") if paths else None
+
+
+def model_config_names() -> list[str]:
+    """Names of the app's ``conf/model`` configs."""
+    return sorted(path.stem for path in (Path(config_dir()) / "model").glob("*.yaml"))
+
+
+def register_options_config(args: list[str]) -> OptionsTranslation | None:
+    """Translate the ``options=<file>`` of ``args`` and store it in Hydra's ConfigStore
+    as ``metatrain_options/file`` (the defaults list of ``conf/config.yaml`` picks it up
+    after the app's config, before the command-line overrides)."""
+    path = options_argument(args)
+    ConfigStore.instance().repo.get("metatrain_options", {}).pop("file.yaml", None)
+    if path is None or path in ("null", "None"):
+        return None
+    translation = translate_options(path, model_config_names())
+    ConfigStore.instance().store(
+        group="metatrain_options", name="file", node=translation.config, package="_global_"
+    )
+    return translation
+
+
+def options_translation(cfg: DictConfig) -> OptionsTranslation | None:
+    """The translation of ``cfg.options`` (None without an options file)."""
+    if not cfg.get("options"):
+        return None
+    return translate_options(cfg.options, model_config_names())
+
+
+def model_config_for_data(cfg: DictConfig, datamodule: AtomisticDataModule) -> dict[str, Any]:
+    """``cfg.model`` as a plain dict, completed with what the data says when the model
+    class takes it and the config leaves it out: ``targets`` (resolved target options)
+    and ``atomic_types`` (e.g. :class:`pl_mtt.models.MetatrainModel`)."""
+    config = OmegaConf.to_container(cfg.model, resolve=True)
+    parameters = inspect.signature(hydra.utils.get_class(config["_target_"])).parameters
+    if "targets" in parameters and not config.get("targets"):
+        config["targets"] = datamodule.target_options
+    if "atomic_types" in parameters and not config.get("atomic_types"):
+        config["atomic_types"] = datamodule.atomic_types
+    return config
+
+
+def optimizer_arguments(cfg: DictConfig) -> dict[str, Any]:
+    """``AtomisticTask``'s optimizer keyword arguments from ``cfg.optimizer``."""
+    optimizer = OmegaConf.to_container(cfg.optimizer, resolve=True)
+    return {
+        "optimizer": optimizer["name"],
+        "lr": optimizer["lr"],
+        "weight_decay": optimizer["weight_decay"],
+        "lr_decay": optimizer["lr_decay"],
+        "schedule": optimizer["schedule"],
+        "warmup_fraction": optimizer["warmup_fraction"],
+        "grad_clip_norm": optimizer["grad_clip_norm"],
+    }
+
+
+def write_split(datamodule: AtomisticDataModule, run_dir: Path) -> None:
+    """``indices/training.txt``, ``validation.txt``, ``test.txt`` (metatrain's format):
+    the structures of each set, as indices into their file."""
+    names = {"train": "training", "val": "validation", "test": "test"}
+    for stage, indices in datamodule.split.items():
+        write_indices(run_dir / "indices" / f"{names[stage]}.txt", indices)
 
 
 def command_line_overrides() -> list[str]:
@@ -341,27 +437,28 @@ def train(cfg: DictConfig, explicit_loss: Sequence[tuple[str, ...]] = ()) -> dic
         _print("# expanded loss config")
         _print(OmegaConf.to_yaml(OmegaConf.create({"loss": expanded})))
         return {"loss": expanded}
-    model = hydra.utils.instantiate(cfg.model)
     with user_input():
+        model_config = model_config_for_data(cfg, datamodule)
+        model = hydra.utils.instantiate(model_config)
         task = AtomisticTask(
             model,
             loss,
             targets,
-            lr=cfg.optimizer.lr,
-            weight_decay=cfg.optimizer.weight_decay,
-            lr_decay=cfg.optimizer.lr_decay,
+            **optimizer_arguments(cfg),
             per_structure_targets=list(cfg.scaler.per_structure_targets),
             global_mean=cfg.global_mean,
-            model_config=OmegaConf.to_container(cfg.model, resolve=True),
+            model_config=model_config,
         )
     monitor = "val/loss" if len(datamodule.val_dataset) else "train/loss"
     best, last = checkpoint_callbacks(run_dir, monitor)
-    callbacks: list = [best, last]
+    callbacks: list = [best, last, EpochLog()]
     if cfg.scaler.scale_targets:
         callbacks.append(_scaler_callback(cfg, list(task.dos_targets), run_dir))
     if cfg.loss_schedule:
         callbacks.append(LossScheduleCallback(cfg.loss_schedule))
     trainer = _trainer(cfg, run_dir, callbacks)
+    if trainer.is_global_zero:
+        write_split(datamodule, run_dir)
     trainer.fit(task, datamodule, ckpt_path=cfg.ckpt_path)
     has_test = len(datamodule.test_dataset) > 0
     results = trainer.test(task, datamodule, verbose=False) if has_test else []
@@ -385,7 +482,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         data = _datamodule(cfg)
         path, _, extra = data._sources()
         targets = configured_targets(cfg) or task.target_options
-        dataset = open_dataset(path, targets, extra, dtype=data.dtype)
+        # the structures in the dtype of the checkpoint's model (float32 for metatrain's)
+        dtype = next(task.model.parameters(), torch.empty(0, dtype=data.dtype)).dtype
+        dataset = open_dataset(path, targets, extra, dtype=dtype)
     report = DataReport.from_dataset(
         dataset, {"test": range(len(dataset))}, files=[path], configured_targets=targets
     )
@@ -408,6 +507,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """
     explicit = explicit_loss_paths(command_line_overrides())
     with user_input():
+        translation = options_translation(cfg)
+        if translation is not None:
+            _print(format_not_acted_on(translation.path, translation.not_acted_on))
         check_loss_config(cfg, explicit)
         if cfg.mode not in ("train", "evaluate"):
             raise ValueError(f"mode: expected 'train' or 'evaluate', got {cfg.mode!r}")
@@ -440,7 +542,15 @@ def run_cli(cfg: DictConfig) -> dict[str, Any]:
 def main() -> None:
     """Console entry point (also ``python -m pl_mtt.train``)."""
     register_configs()
-    sys.argv = [sys.argv[0], *merge_loss_shorthand_overrides(sys.argv[1:])]
+    args = merge_loss_shorthand_overrides(sys.argv[1:])
+    try:
+        register_options_config(args)
+    except (ValueError, ImportError) as error:  # a bad options file: a user error
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        report_user_error(error)
+        sys.exit(1)
+    sys.argv = [sys.argv[0], *args]
     app = hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")(run_cli)
     app()
 

@@ -44,7 +44,7 @@ from metatensor.torch import TensorMap
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
 from pl_mtt.config import to_plain
-from pl_mtt.loss_module import LossModule
+from pl_mtt.loss_module import NO_PROPERTY_SCALES, LossModule
 from pl_mtt.scaling.composition import CompositionModel
 from pl_mtt.scaling.fit import FitSummary, fit_pass
 from pl_mtt.scaling.fit import unpack_batch as default_unpack_batch
@@ -61,7 +61,8 @@ from pl_mtt.tensormaps.builders import zero_sample_layout
 
 __all__ = ["ScalerCallback"]
 
-DOS_LOSS_TYPES = ("masked_dos",)
+# shift-aligned profile losses: one pooled scale, no per-property scales, no baseline
+DOS_LOSS_TYPES = NO_PROPERTY_SCALES
 
 
 class ScalerCallback(pl.Callback):
@@ -70,7 +71,8 @@ class ScalerCallback(pl.Callback):
     With no arguments, atomic types and target layouts are discovered from the training
     data, the targets are those of the :class:`pl_mtt.LossModule` found on the module
     (all targets of the batches if there is none), and targets whose loss is
-    ``masked_dos`` get one pooled scale, no per-property scales and no baseline.
+    ``masked_dos`` or ``shift_agnostic_mse`` get one pooled scale, no per-property scales
+    and no baseline.
 
     Args:
         atomic_types: atomic types (default: discovered; state indexed by atomic number).

@@ -20,7 +20,7 @@ import torch
 from metatensor.torch import TensorMap
 
 from pl_mtt.config import gradient_alias, is_energy_like
-from pl_mtt.losses.functional.dos import dos_alignment_shifts
+from pl_mtt.training.profiles import align_profile
 
 __all__ = ["Collected", "collect"]
 
@@ -138,10 +138,12 @@ def collect(task, batches: Iterable, max_dos_curves: int = 6) -> Collected:
             prediction = predictions[name].to("cpu")
             target = target.to("cpu")
             if name in getattr(task, "dos_targets", {}):
-                mask = extra_data[f"{name}_mask"].block_by_id(0).values.cpu()
-                extra = task.dos_targets[name]["extra_targets"]
+                entry = task.dos_targets[name]
                 unit = options.get("unit", "")
-                _collect_dos(collected, name, unit, prediction, target, mask, extra, max_dos_curves)
+                window = align_profile(
+                    entry, _values(prediction).detach(), _values(target), extra_data, name
+                )
+                _collect_dos(collected, name, unit, *window, max_dos_curves)
                 continue
             for quantity in _quantities(name, options, prediction, target, n_atoms, volumes):
                 collected.add(*quantity)
@@ -160,19 +162,16 @@ def _collect_dos(
     collected: Collected,
     name: str,
     unit: str,
-    prediction: TensorMap,
-    target: TensorMap,
+    aligned: torch.Tensor,
+    target: torch.Tensor,
     mask: torch.Tensor,
-    extra: int,
+    shifts: torch.Tensor,
     max_curves: int,
 ) -> None:
-    p, t = _values(prediction).detach(), _values(target)
-    shifts = dos_alignment_shifts(p, t, mask, extra_targets=extra)
-    n = p.shape[1] - extra
-    aligned = p.gather(1, shifts[:, None] + torch.arange(n))
-    t, mask = t[:, -n:], mask[:, -n:]
-    collected.add(name, unit, aligned, torch.where(mask != 0, t, torch.nan))
+    """Aligned profiles and their targets (NaN where masked out)."""
+    aligned, target, mask = aligned.cpu(), target.cpu(), mask.cpu()
+    collected.add(name, unit, aligned, torch.where(mask != 0, target, torch.nan))
     collected.shifts.setdefault(name, []).extend(shifts.tolist())
     curves = collected.dos.setdefault(name, [])
-    for row in range(min(p.shape[0], max_curves - len(curves))):
-        curves.append((aligned[row].numpy(), t[row].numpy(), mask[row].numpy()))
+    for row in range(min(aligned.shape[0], max_curves - len(curves))):
+        curves.append((aligned[row].numpy(), target[row].numpy(), mask[row].numpy()))

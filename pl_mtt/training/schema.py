@@ -79,7 +79,11 @@ class DataConfig:
     extra_data: dict[str, Any] = field(default_factory=dict)
     val_fraction: float = 0.1
     test_fraction: float = 0.1
+    indices: Any = None
+    val_set: Any = None
+    test_set: Any = None
     batch_size: int = 8
+    drop_last: bool = False
     max_atoms_per_batch: int | None = None
     min_atoms_per_batch: int = 0
     num_workers: int = 0
@@ -112,11 +116,20 @@ class ScalerConfig:
 
 @dataclass
 class OptimizerConfig:
-    """Adam with an optional exponential decay per epoch."""
+    """Adam(W) and its learning-rate schedule (see :mod:`pl_mtt.training.optim`).
 
+    .. code-block:: yaml
+
+        optimizer: {name: adam, lr: 1.0e-4, schedule: warmup_cosine, warmup_fraction: 0.01}
+    """
+
+    name: str = "adam"
     lr: float = 1e-3
     weight_decay: float = 0.0
+    schedule: str = "exponential"
     lr_decay: float = 1.0
+    warmup_fraction: float = 0.0
+    grad_clip_norm: float | None = None
 
 
 @dataclass
@@ -157,6 +170,7 @@ class TrainConfig:
     dry_run: bool = False
     ckpt_path: str | None = None
     global_mean: bool = False
+    options: str | None = None
 
 
 def register_configs() -> None:

@@ -12,6 +12,7 @@ model with pl_mtt's losses, scaling pipeline and physical-unit metrics.
 .. code-block:: yaml
 
     optimizer: {lr: 1.0e-3, weight_decay: 0.0, lr_decay: 0.99}   # Adam, decay per epoch
+    optimizer: {lr: 1.0e-4, schedule: warmup_cosine, warmup_fraction: 0.01, grad_clip_norm: 1.0}
 
 Each step runs :mod:`pl_mtt.scaling`: the targets lose their composition baseline and
 are divided by atoms (metatrain's rule) and by the per-target scales, the model's raw
@@ -36,9 +37,10 @@ from metatensor.torch import Labels, TensorBlock, TensorMap
 from pl_mtt import scaling
 from pl_mtt.config import to_plain
 from pl_mtt.loss_module import LossModule
-from pl_mtt.losses.functional.dos import dos_alignment_shifts
 from pl_mtt.training.callbacks import ScalerCallback
 from pl_mtt.training.metrics import PhysicalMetrics, metric_specs
+from pl_mtt.training.optim import OPTIMIZERS, SCHEDULES, make_optimizer, warmup_cosine_factor
+from pl_mtt.training.profiles import align_profile, profile_targets
 
 __all__ = ["AtomisticTask", "InferenceModel"]
 
@@ -73,7 +75,12 @@ class AtomisticTask(pl.LightningModule):
             (or None with ``model_config``).
         loss: loss config (see :func:`pl_mtt.expand_loss_config`).
         targets: resolved training target options (``AtomisticDataModule.target_options``).
-        lr, weight_decay: Adam's parameters; ``lr_decay``: exponential decay per epoch.
+        lr, weight_decay: the optimizer's parameters; ``optimizer``: ``adam`` or ``adamw``.
+        schedule: ``exponential`` (``lr_decay`` per epoch), ``warmup_cosine`` (metatrain's
+            trainers: linear warmup over ``warmup_fraction`` of the steps, then cosine
+            decay to 0, per step) or ``constant`` (see :mod:`pl_mtt.training.optim`).
+        grad_clip_norm: clip the gradient norm to this before each step (None: no
+            clipping; a Trainer's ``gradient_clip_val`` takes precedence).
         per_structure_targets: per-structure targets not divided by atoms (the same list
             as the :class:`ScalerCallback`'s).
         global_mean: exact global means of the training loss under DDP.
@@ -91,6 +98,10 @@ class AtomisticTask(pl.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         lr_decay: float = 1.0,
+        optimizer: str = "adam",
+        schedule: str = "exponential",
+        warmup_fraction: float = 0.0,
+        grad_clip_norm: float | None = None,
         per_structure_targets: Sequence[str] = (),
         global_mean: bool = False,
         model_config: Mapping[str, Any] | None = None,
@@ -98,6 +109,12 @@ class AtomisticTask(pl.LightningModule):
         super().__init__()
         targets = {n: dict(o or {}) for n, o in (to_plain(targets) or {}).items()}
         loss, model_config = to_plain(loss), to_plain(model_config)  # plain, picklable
+        if schedule not in SCHEDULES:
+            raise ValueError(f"optimizer.schedule: expected one of {SCHEDULES}, got {schedule!r}")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(
+                f"optimizer.name: expected one of {sorted(OPTIMIZERS)}, got {optimizer!r}"
+            )
         self.save_hyperparameters(ignore=["model"])
         if model is None:
             if model_config is None:
@@ -110,9 +127,8 @@ class AtomisticTask(pl.LightningModule):
         self.loss = LossModule(loss, targets, global_mean=global_mean)
         self.val_loss = LossModule(loss, targets)
         self.test_loss = LossModule(loss, targets)
-        self.dos_targets = {
-            name: entry for name, entry in self.loss.config.items() if entry["type"] == "masked_dos"
-        }
+        # profiles with a shift-aligned loss (masked_dos, shift_agnostic_mse)
+        self.dos_targets = profile_targets(self.loss.config)
         divided = [
             name
             for name, options in targets.items()
@@ -169,7 +185,7 @@ class AtomisticTask(pl.LightningModule):
         targets: dict[str, TensorMap],
         extra_data: Mapping[str, TensorMap] | None,
     ) -> tuple[dict[str, TensorMap], dict[str, TensorMap]]:
-        """DOS metrics compare the aligned window with the masked target (masked-out
+        """Profile (DOS) metrics compare the aligned window with the target (masked-out
         points become NaN and are left out)."""
         if not self.dos_targets:
             return predictions, targets
@@ -180,18 +196,13 @@ class AtomisticTask(pl.LightningModule):
                 continue
             prediction = predictions[name].block_by_id(0)
             target = targets[name].block_by_id(0)
-            mask = extra_data[f"{name}_mask"].block_by_id(0).values
-            extra = entry["extra_targets"]
-            shifts = dos_alignment_shifts(
-                prediction.values, target.values, mask, extra_targets=extra
+            aligned, values, mask, _ = align_profile(
+                entry, prediction.values, target.values, extra_data, name
             )
-            n = prediction.values.shape[1] - extra
-            index = shifts[:, None] + torch.arange(n, device=shifts.device)
-            aligned = prediction.values.gather(1, index)
-            values, mask = target.values[:, -n:], mask[:, -n:]
+            masked = torch.where(mask != 0, values, torch.nan)
+            n = aligned.shape[1]
             properties = Labels(["point"], torch.arange(n, device=aligned.device).reshape(-1, 1))
             predictions[name] = _single_block(predictions[name], aligned, properties)
-            masked = torch.where(mask != 0, values, torch.nan)
             targets[name] = _single_block(targets[name], masked, properties)
         return predictions, targets
 
@@ -249,13 +260,39 @@ class AtomisticTask(pl.LightningModule):
             self.last_train_epoch = int(checkpoint["epoch"])
 
     def configure_optimizers(self) -> Any:
-        optimizer = torch.optim.Adam(
-            self.model.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+        hparams = self.hparams
+        optimizer = make_optimizer(
+            self.model.parameters(),
+            hparams.get("optimizer", "adam"),
+            hparams.lr,
+            hparams.weight_decay,
         )
-        if self.hparams.lr_decay == 1.0:
+        schedule = hparams.get("schedule", "exponential")
+        if schedule == "warmup_cosine":
+            factor = warmup_cosine_factor(
+                self.trainer.estimated_stepping_batches, hparams.get("warmup_fraction", 0.0)
+            )
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+            return {
+                "optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+            }
+        if schedule == "constant" or hparams.lr_decay == 1.0:
             return optimizer
-        scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=self.hparams.lr_decay)
+        scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=hparams.lr_decay)
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """The Trainer's ``gradient_clip_val`` if set, else ``grad_clip_norm`` (norm)."""
+        clip_norm = self.hparams.get("grad_clip_norm")
+        if gradient_clip_val is None and clip_norm is not None:
+            gradient_clip_val, gradient_clip_algorithm = clip_norm, "norm"
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
 
 def _single_block(like: TensorMap, values: torch.Tensor, properties: Labels) -> TensorMap:

@@ -15,6 +15,10 @@ from pl_mtt.losses.functional.ensemble import (
     gaussian_nll,
 )
 from pl_mtt.losses.functional.pointwise import pointwise_loss, pointwise_sum_and_count
+from pl_mtt.losses.functional.shift_agnostic import (
+    shift_agnostic_alignment,
+    shift_agnostic_mse_loss,
+)
 
 __all__ = [
     "dos_alignment_shifts",
@@ -27,4 +31,6 @@ __all__ = [
     "masked_dos_loss",
     "pointwise_loss",
     "pointwise_sum_and_count",
+    "shift_agnostic_alignment",
+    "shift_agnostic_mse_loss",
 ]
