@@ -21,6 +21,11 @@ All of these describe the same loss for an energy target with forces and stress:
           positions: {type: mse, weight: 1.0, reduction: mean}
           strain: {type: mse, weight: 1.0, reduction: mean}
 
+    loss:                           # weighted terms (only in the expanded form when given)
+      energy:
+        sample_weights: config_weight         # extra_data["config_weight"]
+        forces: {type: mse, sample_weights: config_weight, type_weights: {29: 1.0, 79: 2.0}}
+
 :func:`expand_loss_config` returns the internal form as plain nested dicts with every
 default filled in, or raises a ``ValueError`` naming the offending key path.
 """
@@ -31,7 +36,14 @@ import difflib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from pl_mtt.registry import PARAM_KINDS, REQUIRED, LossType, get_loss_type, loss_type_names
+from pl_mtt.registry import (
+    PARAM_KINDS,
+    REQUIRED,
+    WEIGHTING_KEYS,
+    LossType,
+    get_loss_type,
+    loss_type_names,
+)
 
 __all__ = [
     "check_known_keys",
@@ -233,14 +245,56 @@ def _expand_term(
         else:
             term[param_name] = param.default
 
-    valid = [*COMMON_TERM_KEYS, *loss_type.params, *allowed_extra]
+    for key in loss_type.weighting:
+        if spec.get(key) is None:
+            continue  # not given: no weights
+        try:
+            term[key] = PARAM_KINDS[WEIGHTING_KEYS[key]](spec[key])
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"{path}.{key}: expected {error}, got {spec[key]!r}") from None
+
+    valid = [*COMMON_TERM_KEYS, *loss_type.params, *loss_type.weighting, *allowed_extra]
     for key in spec:
+        if key in WEIGHTING_KEYS and key not in loss_type.weighting:
+            if spec[key] is None:
+                continue
+            supported = [n for n in loss_type_names() if key in get_loss_type(n).weighting]
+            raise ValueError(
+                f"{path}.{key}: loss type '{loss_type.name}' does not take '{key}'"
+                f"{_weighting_reason(loss_type, key)}; loss types that do: "
+                f"{_expected_list(supported)}"
+            )
         if key not in valid:
             raise ValueError(
                 f"{path}.{key}: unknown key '{key}' for loss type '{loss_type.name}'. "
                 f"Valid keys: {_expected_list(valid)}.{_suggest(key, valid)}"
             )
     return term
+
+
+def _weighting_reason(loss_type: LossType, key: str) -> str:
+    if key == "type_weights" and "sample_weights" in loss_type.weighting:
+        return " (it has one loss per structure: no per-atom entries to weight by type)"
+    return ""
+
+
+def _check_type_weights(term: dict, path: str, name: str, options: Mapping, gradient: str | None):
+    """``type_weights`` on a term known to have no per-atom entries is an error: a
+    per-structure target's values (``per_atom: false``), a ``strain`` gradient. Other
+    terms are checked on their first call (their rows must name atoms)."""
+    if "type_weights" not in term:
+        return
+    if gradient is None and options.get("per_atom") is False:
+        what = f"target '{name}' has one entry per structure (per_atom: false)"
+    elif gradient == "strain":
+        what = f"the strain gradient (stress/virial) of '{name}' has one entry per structure"
+    else:
+        return
+    hint = f" (e.g. loss.{name}.forces.type_weights)" if is_energy_like(name, options) else ""
+    raise ValueError(
+        f"{path}.type_weights: {what}; type weights apply to per-atom entries (forces, "
+        f"per-atom targets){hint}"
+    )
 
 
 def _given_gradients(
@@ -286,6 +340,7 @@ def _expand_target(name: str, spec: Any, options: Mapping[str, Any], gradients: 
             )
     extra_keys = ("gradients", *MLIP_GRADIENT_KEYS) if energy_like else ("gradients",)
     term = _expand_term(spec, path, allowed_extra=extra_keys)
+    _check_type_weights(term, path, name, options, None)
     given = {  # gradient name -> (key path, spec)
         gradient: (f"{path}.{key}", gradient_spec)
         for gradient, (key, gradient_spec) in _given_gradients(mapping, path, energy_like).items()
@@ -304,6 +359,7 @@ def _expand_target(name: str, spec: Any, options: Mapping[str, Any], gradients: 
     for gradient in gradients:
         gradient_path, gradient_spec = given.get(gradient, (f"{path}.gradients.{gradient}", None))
         gradient_term = _expand_term(gradient_spec, gradient_path, on_gradient=True)
+        _check_type_weights(gradient_term, gradient_path, name, options, gradient)
         term["gradients"][gradient] = gradient_term
     return term
 
@@ -376,8 +432,8 @@ def _merge_term(base: Mapping[str, Any], override: Any, path: str) -> dict:
     """``override`` (a type name, a mapping of fields, or None) over one expanded term.
 
     Fields not given keep their base value. A new type drops the parameters of the old
-    type (weight and reduction are kept); the new type's parameters take the given
-    values or their defaults.
+    type (weight, reduction, ``sample_weights`` and ``type_weights`` are kept); the new
+    type's parameters take the given values or their defaults.
     """
     if override is False:
         raise ValueError(f"{path}: a term cannot be removed here (set its weight to 0.0 instead)")
@@ -391,7 +447,8 @@ def _merge_term(base: Mapping[str, Any], override: Any, path: str) -> dict:
         )
     merged = {k: v for k, v in base.items() if k != "gradients"}
     if "type" in override and override["type"] != base["type"]:
-        merged = {k: merged[k] for k in ("weight", "reduction")}
+        kept = ("weight", "reduction", *WEIGHTING_KEYS)
+        merged = {k: merged[k] for k in kept if k in merged}
     merged.update(override)
     return merged
 

@@ -28,6 +28,7 @@ from torchmetrics import Metric
 
 from pl_mtt.config import expand_loss_config, gradient_alias, to_plain
 from pl_mtt.losses.base import LossTerm, ValueCache, create_loss
+from pl_mtt.losses.functional.pointwise import positive_count, weighted_counts
 from pl_mtt.scaling.prepared import FusedResiduals, prepared_pair
 from pl_mtt.tensormaps.builders import TensorMaps, ensemble_output_name
 
@@ -41,7 +42,8 @@ NO_PROPERTY_SCALES = ("masked_dos", "shift_agnostic_mse")
 class LossAggregate(Metric):
     """Epoch sums per term, reduced across DDP ranks by summation.
 
-    ``mean`` terms: global sum of per-element losses / global element count;
+    ``mean`` terms: global sum of per-element losses / global element count (weighted
+    terms: global weighted sum / global sum of the weights of the elements that count);
     ``sum`` terms: global sum / number of batches in which the term was present.
     The state is one ``(3, n_terms)`` float64 tensor (rows: sums, counts, batches).
 
@@ -74,7 +76,7 @@ class LossAggregate(Metric):
 
     @property
     def counts(self) -> torch.Tensor:
-        """Number of elements that counted."""
+        """Number of elements that counted (weighted terms: the sum of their weights)."""
         self.flush()
         return self.totals[1]
 
@@ -113,7 +115,9 @@ class LossAggregate(Metric):
     def compute(self) -> torch.Tensor:
         self.flush()
         sums, counts, batches = self.totals.unbind()
-        return sums / torch.where(self.is_sum, batches, counts).clamp(min=1)
+        # counts of weighted terms are sums of weights: used as they are when positive
+        denominators = torch.where(self.is_sum, batches, counts)
+        return sums / torch.where(denominators > 0, denominators, 1.0)
 
     def sync(self, *args, **kwargs) -> None:
         self.flush()  # every rank adds its own queue before the states are reduced
@@ -180,7 +184,11 @@ def _single_sum_and_count(
     extra_data: TensorMaps | None,
     cache: ValueCache,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    total, count = terms[0].sum_and_count(predictions, targets, extra_data)
+    term = terms[0]
+    if term.weighting is None:
+        total, count = term.sum_and_count(predictions, targets, extra_data)
+    else:
+        total, count = term.sum_and_count(predictions, targets, extra_data, cache.systems)
     return total.reshape(1), count.reshape(1)
 
 
@@ -198,8 +206,20 @@ def _scaled_sum_and_count(
     target = terms[0].target
     parts = [term.gradient or "" for term in terms]
     inputs = batch.fused_inputs(target, parts)
+    weighted = any(term.weighting is not None for term in terms)
+    if weighted:  # the weights of each part, from the target's rows (its metadata)
+        layout = targets.layout(target)
+        inputs.weights = [
+            None
+            if term.weighting is None
+            else term.entry_weights(layout, [values], extra_data, cache.systems)[0]
+            for term, values in zip(terms, inputs.targets, strict=True)
+        ]
     sums, counts, differences, valid = type(terms[0]).scaled_sum_and_count(terms, inputs)
+    # the metrics count entries; the loss of weighted terms divides by the weights
     batch.record(target, FusedResiduals(parts, differences, valid, counts, inputs.inverse_scale))
+    if weighted:
+        counts = weighted_counts(valid, inputs.weights, counts)
     return sums, counts
 
 
@@ -417,7 +437,7 @@ class LossModule(torch.nn.Module):
         step = self._steps.get(key)
         if step is None:
             step = self._steps[key] = self._step(present, scaled)
-        cache = ValueCache()
+        cache = ValueCache(systems)
         if len(step.groups) == 1:
             compute, terms = step.groups[0]
             sums, counts = compute(terms, predictions, targets, extra_data, cache)
@@ -509,7 +529,14 @@ class LossModule(torch.nn.Module):
         }
 
     def compute(self) -> dict[str, torch.Tensor]:
-        """Epoch aggregate of every term, reduced across DDP ranks (see DESIGN.md)."""
+        """Epoch aggregate of every term, reduced across DDP ranks (see DESIGN.md).
+
+        Also reads the invalid-weight flags weighted terms keep on an accelerator (see
+        :mod:`pl_mtt.losses.weights`): a negative or NaN weight is an error here at the
+        latest."""
+        for term in self.term_list:
+            if term.weighting is not None:
+                term.weighting.check_pending(term)
         with warnings.catch_warnings():
             # a rank (or epoch) without updates is legitimate: its sums are zeros
             warnings.filterwarnings("ignore", message=".*was called before the ``update``")
@@ -590,8 +617,9 @@ def _layout(tensors: TensorMaps, name: str) -> TensorMap | None:
 
 
 def _denominators(counts: torch.Tensor, is_sum: torch.Tensor | None) -> torch.Tensor:
-    """Element counts (at least 1) of ``mean`` terms, 1 for ``sum`` terms."""
-    denominators = counts.clamp(min=1)
+    """Element counts (at least 1; sums of weights where positive, else 1) of ``mean``
+    terms, 1 for ``sum`` terms."""
+    denominators = positive_count(counts)
     return denominators if is_sum is None else denominators.masked_fill(is_sum, 1)
 
 

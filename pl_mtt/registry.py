@@ -29,6 +29,7 @@ from typing import Any
 
 __all__ = [
     "REQUIRED",
+    "WEIGHTING_KEYS",
     "LossType",
     "Param",
     "get_loss_type",
@@ -92,14 +93,75 @@ def _optional_float_list(value: Any) -> list[float] | None:
         raise ValueError("null or a list of numbers") from None
 
 
+def _extra_data_name(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("the name of an extra_data entry (a non-empty string)")
+    return value.strip()
+
+
+def _atomic_number(key: Any) -> int:
+    """An atomic number given as an integer, an integer string or an element symbol."""
+    if isinstance(key, bool):
+        raise ValueError(key)
+    if isinstance(key, int):
+        number = key
+    elif isinstance(key, float) and key.is_integer():
+        number = int(key)
+    elif isinstance(key, str) and key.strip().lstrip("+").isdigit():
+        number = int(key.strip())
+    elif isinstance(key, str):
+        from ase.data import atomic_numbers  # an element symbol (Cu, Au, ...)
+
+        if key.strip() not in atomic_numbers:
+            raise ValueError(key)
+        number = atomic_numbers[key.strip()]
+    else:
+        raise ValueError(key)
+    if number < 0:
+        raise ValueError(key)
+    return number
+
+
+def _type_weights(value: Any) -> dict[int, float]:
+    expected = (
+        "a mapping of atomic type (atomic number or element symbol) -> non-negative "
+        "weight, e.g. {29: 1.0, 79: 2.0}"
+    )
+    if not isinstance(value, Mapping):
+        raise ValueError(expected)
+    weights: dict[int, float] = {}
+    for key, weight in value.items():
+        try:
+            number = _atomic_number(key)
+        except ValueError:
+            raise ValueError(f"{expected} (bad atomic type {key!r})") from None
+        if number in weights:
+            raise ValueError(f"{expected} (atomic type {number} given twice)")
+        try:
+            weights[number] = _non_negative_float(weight)
+        except ValueError:
+            raise ValueError(f"{expected} (bad weight {weight!r} of type {key!r})") from None
+    return dict(sorted(weights.items()))
+
+
 PARAM_KINDS: dict[str, Callable[[Any], Any]] = {
     "float": _number,
     "positive_float": _positive_float,
     "non_negative_float": _non_negative_float,
     "non_negative_int": _non_negative_int,
     "optional_float_list": _optional_float_list,
+    "extra_data_name": _extra_data_name,
+    "type_weights": _type_weights,
 }
 """Converters for loss parameters; each raises ``ValueError(<what was expected>)``."""
+
+WEIGHTING_KEYS: dict[str, str] = {
+    "sample_weights": "extra_data_name",
+    "type_weights": "type_weights",
+}
+"""Term keys that weight a term's entries (name -> kind in :data:`PARAM_KINDS`): a loss
+type accepts those listed in its ``weighting``. Unlike parameters they have no default:
+they are in a term's expanded config only when given (``null`` is not given)."""
 
 
 @dataclass(frozen=True)
@@ -127,6 +189,7 @@ class LossType:
     params: Mapping[str, Param] = field(default_factory=dict)
     reductions: tuple[str, ...] = ("mean", "sum")
     supports_gradients: bool = True
+    weighting: tuple[str, ...] = ()
 
 
 _LOSS_TYPES: dict[str, LossType] = {}
@@ -138,19 +201,30 @@ def register_loss_type(
     params: Mapping[str, Param] | None = None,
     reductions: Sequence[str] = ("mean", "sum"),
     supports_gradients: bool = True,
+    weighting: Sequence[str] = (),
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Class/function decorator registering a loss type under ``name``.
 
     The factory is called as ``factory(name=..., gradient=..., weight=...,
-    reduction=..., **params)`` with every parameter of ``params`` filled in.
+    reduction=..., **params)`` with every parameter of ``params`` filled in, plus the
+    keys of ``weighting`` (a subset of :data:`WEIGHTING_KEYS`: ``sample_weights``,
+    ``type_weights``) that a config gives; a type lists them only when its terms apply
+    them (:class:`pl_mtt.losses.LossTerm` does, for the subclasses that read
+    :attr:`~pl_mtt.losses.LossTerm.weighting`).
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"a loss type name must be a non-empty string, got {name!r}")
     if name in _LOSS_TYPES:
         raise ValueError(f"loss type '{name}' is already registered")
-    for reserved in ("type", "weight", "reduction", "gradients", "forces", "stress", "virial"):
+    reserved_names = ("type", "weight", "reduction", "gradients", "forces", "stress", "virial")
+    for reserved in (*reserved_names, *WEIGHTING_KEYS):
         if params and reserved in params:
             raise ValueError(f"loss type '{name}': parameter name '{reserved}' is reserved")
+    unknown = [key for key in weighting if key not in WEIGHTING_KEYS]
+    if unknown:
+        raise ValueError(
+            f"loss type '{name}': unknown weighting {unknown}; valid: {list(WEIGHTING_KEYS)}"
+        )
 
     def decorator(factory: Callable[..., Any]) -> Callable[..., Any]:
         _LOSS_TYPES[name] = LossType(
@@ -159,6 +233,7 @@ def register_loss_type(
             params=dict(params or {}),
             reductions=tuple(reductions),
             supports_gradients=supports_gradients,
+            weighting=tuple(weighting),
         )
         return factory
 

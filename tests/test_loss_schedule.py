@@ -108,7 +108,8 @@ def test_merge_global_shorthand_and_string_targets():
             {"energy": {"forces": {"wieght": 2.0}}},
             MLIP_TARGETS,
             "loss_schedule[0].loss.energy.forces.wieght: unknown key 'wieght' for loss type "
-            "'mse'. Valid keys: 'type', 'weight', 'reduction'. Did you mean 'weight'?",
+            "'mse'. Valid keys: 'type', 'weight', 'reduction', 'sample_weights', "
+            "'type_weights'. Did you mean 'weight'?",
         ),
         (
             {"energy": {"forces": {"weight": -1.0}}},

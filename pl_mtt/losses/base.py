@@ -20,7 +20,8 @@ import torch
 from metatensor.torch import TensorBlock, TensorMap
 
 from pl_mtt.losses.functional.pointwise import reduce_total
-from pl_mtt.registry import REQUIRED, get_loss_type, loss_type_names
+from pl_mtt.losses.weights import EntryWeights
+from pl_mtt.registry import PARAM_KINDS, REQUIRED, WEIGHTING_KEYS, get_loss_type, loss_type_names
 from pl_mtt.tensormaps.builders import TensorMaps
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "check_same_layout",
     "create_loss",
     "flatten_values",
+    "flatten_weights",
     "read_values",
     "reduce_loss",
     "values_signature",
@@ -81,6 +83,17 @@ def _read_values(
     return result
 
 
+def flatten_weights(
+    weights: Sequence[torch.Tensor], values: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """The weights of :func:`flatten_values` ``(values)``: for one block the block's
+    weights as they are (they broadcast against its values), else each block's weights
+    expanded to its values, flattened and concatenated."""
+    if len(values) == 1:
+        return weights[0]
+    return torch.cat([w.expand_as(v).reshape(-1) for w, v in zip(weights, values, strict=True)])
+
+
 @cache
 def _scripted_read_values() -> Callable:
     """:func:`_read_values` compiled by TorchScript, or the Python function if that fails.
@@ -107,10 +120,12 @@ def read_values(
 
 class ValueCache:
     """Block values of TensorMaps, read once per map during one LossModule call and
-    shared by the terms that read the same map (the target and its gradients)."""
+    shared by the terms that read the same map (the target and its gradients); also
+    the call's ``systems`` (for weighted terms)."""
 
-    def __init__(self) -> None:
+    def __init__(self, systems: list | None = None) -> None:
         self._maps: dict[int, tuple] = {}
+        self.systems = systems
 
     def prefetch(self, tensor_maps: Sequence[TensorMap]) -> None:
         """Read the maps not yet read, all in one call."""
@@ -158,6 +173,8 @@ class LossTerm(torch.nn.Module):
         gradient: str | None = None,
         weight: float = 1.0,
         reduction: str = "mean",
+        sample_weights: str | None = None,
+        type_weights: dict[int, float] | None = None,
     ) -> None:
         super().__init__()
         self.target = name
@@ -166,6 +183,10 @@ class LossTerm(torch.nn.Module):
         self.reduction = reduction
         self.compile_mode: str | None = None
         self._checked_layouts: set[Hashable] = set()
+        self.weighting: EntryWeights | None = None
+        """How the entries are weighted (``sample_weights``/``type_weights``), or None."""
+        if sample_weights is not None or type_weights:
+            self.weighting = EntryWeights(sample_weights, type_weights)
 
     # -- compilation ------------------------------------------------------------------
     def compile_core(self, mode: str | None = "default") -> bool:
@@ -273,11 +294,33 @@ class LossTerm(torch.nn.Module):
                 f"({second.dtype}, {second.device}) differ in dtype or device"
             )
 
+    # -- weights -----------------------------------------------------------------------
+    def entry_weights(
+        self,
+        target: TensorMap,
+        values: list[torch.Tensor],
+        extra_data: TensorMaps | None,
+        systems: list | None,
+    ) -> list[torch.Tensor] | None:
+        """Per block of this term in ``target`` (``values``: the blocks' values), the
+        weights of its entries (broadcasting against the values), or None when the term
+        is not weighted (see :mod:`pl_mtt.losses.weights`)."""
+        if self.weighting is None:
+            return None
+        return self.weighting.block_weights(self, target, values, extra_data, systems)
+
     # -- computation -----------------------------------------------------------------
     def sum_and_count(
-        self, predictions: TensorMaps, targets: TensorMaps, extra_data: TensorMaps | None = None
+        self,
+        predictions: TensorMaps,
+        targets: TensorMaps,
+        extra_data: TensorMaps | None = None,
+        systems: list | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sum of per-element losses and the number of elements that counted."""
+        """Sum of per-element losses and the number of elements that counted; for a
+        weighted term (:attr:`weighting`) the weighted sum and the sum of the weights
+        of the elements that counted. ``systems`` are needed by type weights and
+        per-atom sample weights only."""
         raise NotImplementedError
 
     @property
@@ -316,18 +359,34 @@ class LossTerm(torch.nn.Module):
         """The :meth:`sum_and_count` of each of ``terms`` (same :attr:`fusion_key`) as
         two ``(K,)`` tensors; ``cache`` shares the TensorMap values between terms.
         Subclasses with a fusion key override this with one computation for all."""
-        pairs = [term.sum_and_count(predictions, targets, extra_data) for term in terms]
+        pairs = [
+            term.sum_and_count(predictions, targets, extra_data)
+            if term.weighting is None
+            else term.sum_and_count(predictions, targets, extra_data, cache.systems)
+            for term in terms
+        ]
         return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
     def forward(
-        self, predictions: TensorMaps, targets: TensorMaps, extra_data: TensorMaps | None = None
+        self,
+        predictions: TensorMaps,
+        targets: TensorMaps,
+        extra_data: TensorMaps | None = None,
+        systems: list | None = None,
     ) -> torch.Tensor:
-        total, count = self.sum_and_count(predictions, targets, extra_data)
+        if self.weighting is None:
+            total, count = self.sum_and_count(predictions, targets, extra_data)
+        else:
+            total, count = self.sum_and_count(predictions, targets, extra_data, systems)
         return reduce_loss(total, count, self.reduction)
 
     def extra_repr(self) -> str:
         gradient = f", gradient={self.gradient!r}" if self.gradient else ""
-        return f"name={self.target!r}{gradient}, weight={self.weight}, reduction={self.reduction!r}"
+        weighting = f", {self.weighting!r}" if self.weighting is not None else ""
+        return (
+            f"name={self.target!r}{gradient}, weight={self.weight}, "
+            f"reduction={self.reduction!r}{weighting}"
+        )
 
 
 class PerStructureLoss(LossTerm):
@@ -335,7 +394,10 @@ class PerStructureLoss(LossTerm):
     ``shift_agnostic_mse``): ``mean``/``sum`` over structures, ``none`` per structure.
 
     Subclasses implement :meth:`per_structure`; :meth:`sum_and_count` returns (sum of
-    per-structure losses, number of structures).
+    per-structure losses, number of structures). With per-structure ``sample_weights``
+    (one value per structure; per-entry weights do not apply to a loss of one value per
+    structure) it returns the weighted sum and the sum of the weights, and ``none``
+    gives the weighted per-structure losses.
     """
 
     def per_structure(
@@ -344,18 +406,39 @@ class PerStructureLoss(LossTerm):
         """One loss value per structure, ``(B,)``."""
         raise NotImplementedError
 
+    def _structure_weights(
+        self, targets: TensorMaps, extra_data: TensorMaps | None
+    ) -> torch.Tensor | None:
+        if self.weighting is None:
+            return None
+        target = self.lookup(targets, self.target, "targets")
+        return self.weighting.structure_weights(self, target, extra_data)
+
     def sum_and_count(
-        self, predictions: TensorMaps, targets: TensorMaps, extra_data: TensorMaps | None = None
+        self,
+        predictions: TensorMaps,
+        targets: TensorMaps,
+        extra_data: TensorMaps | None = None,
+        systems: list | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         losses = self.per_structure(predictions, targets, extra_data)
-        return losses.sum(), losses.new_full((), losses.shape[0])
+        weights = self._structure_weights(targets, extra_data)
+        if weights is None:
+            return losses.sum(), losses.new_full((), losses.shape[0])
+        return (losses * weights).sum(), weights.sum()
 
     def forward(
-        self, predictions: TensorMaps, targets: TensorMaps, extra_data: TensorMaps | None = None
+        self,
+        predictions: TensorMaps,
+        targets: TensorMaps,
+        extra_data: TensorMaps | None = None,
+        systems: list | None = None,
     ) -> torch.Tensor:
         if self.reduction == "none":
-            return self.per_structure(predictions, targets, extra_data)
-        return super().forward(predictions, targets, extra_data)
+            losses = self.per_structure(predictions, targets, extra_data)
+            weights = self._structure_weights(targets, extra_data)
+            return losses if weights is None else losses * weights
+        return super().forward(predictions, targets, extra_data, systems)
 
 
 def block_name(tensor_map: TensorMap, index: int) -> str:
@@ -426,9 +509,13 @@ def create_loss(
     """Build the registered loss term ``type`` for target ``name`` (or its ``gradient``).
 
     Missing type-specific parameters take their registered defaults. Parameters are
-    converted like config values (numeric strings are accepted).
+    converted like config values (numeric strings are accepted). ``sample_weights`` and
+    ``type_weights`` (see :mod:`pl_mtt.losses.weights`) are taken by the types that
+    declare them.
 
     >>> term = create_loss("huber", name="energy", gradient="positions", delta=0.5)
+    >>> term = create_loss("mse", name="energy", gradient="positions",
+    ...                    sample_weights="config_weight", type_weights={29: 1.0, 79: 2.0})
     """
     try:
         loss_type = get_loss_type(type)
@@ -443,12 +530,22 @@ def create_loss(
         )
     if gradient is not None and not loss_type.supports_gradients:
         raise ValueError(f"loss type '{type}' cannot be used on a gradient ('{gradient}')")
+    full = {}
+    for key in WEIGHTING_KEYS:
+        value = params.pop(key, None)
+        if value is None:
+            continue
+        if key not in loss_type.weighting:
+            raise ValueError(f"loss type '{type}' does not take '{key}'")
+        try:
+            full[key] = PARAM_KINDS[WEIGHTING_KEYS[key]](value)
+        except ValueError as error:
+            raise ValueError(f"loss type '{type}': '{key}' must be {error}, got {value!r}") from None
     unknown = sorted(set(params) - set(loss_type.params))
     if unknown:
         raise ValueError(
             f"loss type '{type}': unknown parameter(s) {unknown}; valid: {sorted(loss_type.params)}"
         )
-    full = {}
     for param_name, param in loss_type.params.items():
         if param_name in params:
             try:

@@ -80,11 +80,13 @@ def grid_spacing_of(
     },
     reductions=("mean", "sum", "none"),
     supports_gradients=False,
+    weighting=("sample_weights",),  # one value per structure: no type weights
 )
 class MaskedDOSLoss(PerStructureLoss):
     """Shift-aligned masked DOS loss; ``mean``/``sum`` over structures, ``none`` per structure.
 
-    :meth:`sum_and_count` returns (sum of per-structure losses, number of structures).
+    :meth:`sum_and_count` returns (sum of per-structure losses, number of structures);
+    with per-structure ``sample_weights`` the weighted sum and the sum of the weights.
     """
 
     per_property_scaling = False

@@ -12,7 +12,9 @@ The term reads the ensemble output ``ensemble_output_name(target)`` from the pre
 have the target's keys, sample count and components, and ``M x P`` properties: ``M``
 members (outermost) times the target's ``P`` properties (DESIGN decision 6). The score
 is :func:`pl_mtt.losses.functional.ensemble.ensemble_sum_and_count` over every entry of every
-block (or gradient block); NaN targets are ignored.
+block (or gradient block); NaN targets are ignored. ``sample_weights`` and
+``type_weights`` weight the target's entries (:mod:`pl_mtt.losses.weights`): every member
+of an entry's ensemble has the entry's weight.
 """
 
 from __future__ import annotations
@@ -22,7 +24,13 @@ from functools import partial
 import torch
 from metatensor.torch import TensorBlock, TensorMap
 
-from pl_mtt.losses.base import LossTerm, block_name, check_same_layout, values_signature
+from pl_mtt.losses.base import (
+    LossTerm,
+    block_name,
+    check_same_layout,
+    flatten_weights,
+    values_signature,
+)
 from pl_mtt.losses.functional.ensemble import ENSEMBLE_KINDS, ensemble_sum_and_count, min_members
 from pl_mtt.registry import register_loss_type
 from pl_mtt.tensormaps.builders import TensorMaps, ensemble_output_name
@@ -87,7 +95,11 @@ class EnsembleLoss(LossTerm):
         self.check_dtype_device(e_blocks[0].values, what, t_blocks[0].values, "target")
 
     def sum_and_count(
-        self, predictions: TensorMaps, targets: TensorMaps, extra_data: TensorMaps | None = None
+        self,
+        predictions: TensorMaps,
+        targets: TensorMaps,
+        extra_data: TensorMaps | None = None,
+        systems: list | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         ensemble = self.lookup(predictions, self.prediction_key, "predictions")
         target = self.lookup(targets, self.target, "targets")
@@ -103,12 +115,20 @@ class EnsembleLoss(LossTerm):
             values_signature(e_values, t_values),
             lambda: self._full_check(ensemble, e_blocks, target, t_blocks),
         )
+        weights = self.entry_weights(target, t_values, extra_data, systems)
         if len(t_values) == 1:
             # (samples x components, M, P) read in place, members along dim -2
             n_properties = t_values[0].shape[-1]
             members = e_values[0].reshape(-1, n_members, n_properties)
+            weight = None
+            if weights is not None:
+                weight = weights[0].expand_as(t_values[0]).reshape(-1, n_properties)
             return ensemble_sum_and_count(
-                members, t_values[0].reshape(-1, n_properties), kind=self.kind, member_dim=-2
+                members,
+                t_values[0].reshape(-1, n_properties),
+                kind=self.kind,
+                member_dim=-2,
+                weight=weight,
             )
         members = torch.cat(
             [
@@ -117,11 +137,16 @@ class EnsembleLoss(LossTerm):
             ]
         )
         flat_target = torch.cat([t.reshape(-1) for t in t_values])
-        return ensemble_sum_and_count(members, flat_target, kind=self.kind, member_dim=-1)
+        weight = None if weights is None else flatten_weights(weights, t_values)
+        return ensemble_sum_and_count(
+            members, flat_target, kind=self.kind, member_dim=-1, weight=weight
+        )
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, {super().extra_repr()}"
 
 
 for _kind in ENSEMBLE_KINDS:
-    register_loss_type(f"{_kind}_ensemble")(partial(EnsembleLoss, kind=_kind))
+    register_loss_type(f"{_kind}_ensemble", weighting=("sample_weights", "type_weights"))(
+        partial(EnsembleLoss, kind=_kind)
+    )

@@ -6,14 +6,18 @@
       energy:
         type: masked_huber        # reads extra_data["energy_mask"]
         delta: 0.5
-        forces: mae               # all entries of the positions gradient blocks
+        sample_weights: config_weight   # optional: extra_data["config_weight"] weights entries
+        forces:                   # all entries of the positions gradient blocks
+          type: mae
+          type_weights: {29: 1.0, 79: 2.0}   # optional: weights by the atom's type
 
 The per-entry computation is :func:`pl_mtt.losses.functional.pointwise.pointwise_sum_and_count`
 on every entry of every block of the target (or of its gradient blocks). Inside a
 ``LossModule``, the pointwise terms of one kind (same ``delta`` and masking, e.g. the
 energy, force and stress ``mse`` terms) are computed together by
 :func:`~pl_mtt.losses.functional.pointwise.pointwise_segment_sums`: one read of each TensorMap,
-one autograd node, the same per-term sums.
+one autograd node, the same per-term sums. Weighted terms (``sample_weights``,
+``type_weights``: :mod:`pl_mtt.losses.weights`) are fused with the others.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from pl_mtt.losses.base import (
     ValueCache,
     check_same_layout,
     flatten_values,
+    flatten_weights,
 )
 from pl_mtt.losses.functional.pointwise import (
     POINTWISE_KINDS,
@@ -73,7 +78,8 @@ class PointwiseLoss(LossTerm):
     blocks of the target, or of its :attr:`gradient` blocks.
 
     NaN target entries are ignored; with ``masked=True`` only entries whose mask in
-    ``extra_data["<target>_mask"]`` is nonzero count.
+    ``extra_data["<target>_mask"]`` is nonzero count. With ``sample_weights`` or
+    ``type_weights`` the sum and the count are weighted (:mod:`pl_mtt.losses.weights`).
     """
 
     def __init__(self, *, kind: str, masked: bool = False, delta: float = 1.0, **kwargs) -> None:
@@ -116,7 +122,7 @@ class PointwiseLoss(LossTerm):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Prediction, target and mask entries of this term after the layout checks:
         one block's values as they are, several blocks flattened and concatenated."""
-        return self._checked_inputs(*self.maps(predictions, targets, extra_data), cache)
+        return self._checked_inputs(*self.maps(predictions, targets, extra_data), cache)[:3]
 
     def _checked_inputs(
         self,
@@ -124,7 +130,10 @@ class PointwiseLoss(LossTerm):
         target: TensorMap,
         mask: TensorMap | None,
         cache: ValueCache | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        extra_data: TensorMaps | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """:meth:`inputs`, and the weights of the entries (flattened the same way), or
+        None when the term is not weighted."""
         p_values = self.term_values(prediction, "the prediction", cache)
         t_values = self.term_values(target, "the target", cache)
         m_values = None if mask is None else self.term_values(mask, "the mask", cache)
@@ -135,10 +144,16 @@ class PointwiseLoss(LossTerm):
         self.check_once(
             signature, lambda: self._full_check(prediction, target, mask, p_values, t_values)
         )
+        weights = None
+        if self.weighting is not None:
+            systems = None if cache is None else cache.systems
+            block_weights = self.entry_weights(target, t_values, extra_data, systems)
+            weights = flatten_weights(block_weights, t_values)
         return (
             flatten_values(p_values),
             flatten_values(t_values),
             None if m_values is None else flatten_values(m_values),
+            weights,
         )
 
     def _full_check(
@@ -161,10 +176,18 @@ class PointwiseLoss(LossTerm):
         self.check_dtype_device(p_values[0], "prediction", t_values[0], "target")
 
     def sum_and_count(
-        self, predictions: TensorMaps, targets: TensorMaps, extra_data: TensorMaps | None = None
+        self,
+        predictions: TensorMaps,
+        targets: TensorMaps,
+        extra_data: TensorMaps | None = None,
+        systems: list | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        prediction, target, mask = self.inputs(predictions, targets, extra_data)
-        return pointwise_sum_and_count(prediction, target, mask, kind=self.kind, delta=self.delta)
+        maps = self.maps(predictions, targets, extra_data)
+        cache = ValueCache(systems) if self.weighting is not None else None
+        prediction, target, mask, weights = self._checked_inputs(*maps, cache, extra_data)
+        return pointwise_sum_and_count(
+            prediction, target, mask, kind=self.kind, delta=self.delta, weight=weights
+        )
 
     @classmethod
     def fused_sum_and_count(
@@ -179,16 +202,21 @@ class PointwiseLoss(LossTerm):
         :func:`~pl_mtt.losses.functional.pointwise.pointwise_segment_sums` call."""
         maps = [term.maps(predictions, targets, extra_data) for term in terms]
         cache.prefetch([m for triple in maps for m in triple if m is not None])  # one call
-        p_list, t_list, m_list = zip(
+        p_list, t_list, m_list, w_list = zip(
             *[
-                term._checked_inputs(*triple, cache)
+                term._checked_inputs(*triple, cache, extra_data)
                 for term, triple in zip(terms, maps, strict=True)
             ],
             strict=True,
         )
         first = terms[0]
         return pointwise_segment_sums(
-            p_list, t_list, m_list if first.masked else None, kind=first.kind, delta=first.delta
+            p_list,
+            t_list,
+            m_list if first.masked else None,
+            kind=first.kind,
+            delta=first.delta,
+            weights=w_list,
         )
 
     @property
@@ -211,6 +239,7 @@ class PointwiseLoss(LossTerm):
             inputs.inverse_scale,
             kinds=[term.kind for term in terms],
             deltas=[term.delta for term in terms],
+            weights=inputs.weights,
         )
 
     def extra_repr(self) -> str:
@@ -220,8 +249,11 @@ class PointwiseLoss(LossTerm):
 
 
 _DELTA = {"delta": Param(1.0, "positive_float")}
+_WEIGHTING = ("sample_weights", "type_weights")
 for _kind, _params in (("mse", {}), ("mae", {}), ("huber", _DELTA)):
-    register_loss_type(_kind, params=_params)(partial(PointwiseLoss, kind=_kind))
-    register_loss_type(f"masked_{_kind}", params=_params)(
+    register_loss_type(_kind, params=_params, weighting=_WEIGHTING)(
+        partial(PointwiseLoss, kind=_kind)
+    )
+    register_loss_type(f"masked_{_kind}", params=_params, weighting=_WEIGHTING)(
         partial(PointwiseLoss, kind=_kind, masked=True)
     )

@@ -37,6 +37,7 @@ __all__ = ["ShiftAgnosticMSELoss"]
     },
     reductions=("mean", "sum", "none"),
     supports_gradients=False,
+    weighting=("sample_weights",),  # one value per structure: no type weights
 )
 class ShiftAgnosticMSELoss(PerStructureLoss):
     """Shift-agnostic squared error of a profile; ``mean`` (metatrain's) or ``sum`` over

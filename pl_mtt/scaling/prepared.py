@@ -58,7 +58,8 @@ class FusedInputs:
     """The tensors of :func:`pl_mtt.losses.functional.pointwise.scaled_segment_sums` for
     one target: per part (values, then gradients) the raw prediction, the target in the
     units of the data and the row factor (``1 / n_atoms`` where divided), the baseline
-    of the values, and the inverse per-target scale."""
+    of the values, and the inverse per-target scale; the loss sets the weights of the
+    entries of each part (``None``: unweighted; see :mod:`pl_mtt.losses.weights`)."""
 
     parts: list[str]
     predictions: list[torch.Tensor]
@@ -66,6 +67,7 @@ class FusedInputs:
     row_factors: list[torch.Tensor | None]
     shifts: list[torch.Tensor | None]
     inverse_scale: torch.Tensor | None
+    weights: list[torch.Tensor | None] | None = None
 
 
 @dataclass

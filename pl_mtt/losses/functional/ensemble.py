@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from pl_mtt.losses.functional.pointwise import reduce_total
+from pl_mtt.losses.functional.pointwise import reduce_total, weight_sum
 
 __all__ = [
     "ENSEMBLE_KINDS",
@@ -131,9 +131,16 @@ def _gaussian_score(
 
 
 def ensemble_sum_and_count(
-    members: torch.Tensor, target: torch.Tensor, *, kind: str, member_dim: int = -1
+    members: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    kind: str,
+    member_dim: int = -1,
+    weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of the per-entry scores over non-NaN targets, and their number (``int64``).
+    """Sum of the per-entry scores over non-NaN targets, and their number (``int64``);
+    with ``weight`` (non-negative, broadcasting against ``target``) the weighted sum and
+    the sum of the weights of the non-NaN entries.
 
     When every target is NaN the sum is an exact zero that keeps the autograd path.
     """
@@ -145,7 +152,10 @@ def ensemble_sum_and_count(
         mean, variance = ensemble_mean_and_variance(members, member_dim)
         stand_in = torch.where(ignored, mean.detach(), target)
         scores = _gaussian_score(kind, mean, variance, stand_in)
-    return scores.masked_fill(ignored, 0.0).sum(), ignored.numel() - ignored.sum()
+    scores = scores.masked_fill(ignored, 0.0)
+    if weight is None:
+        return scores.sum(), ignored.numel() - ignored.sum()
+    return (scores * weight).sum(), weight_sum(ignored, weight)
 
 
 def ensemble_loss(
@@ -155,7 +165,11 @@ def ensemble_loss(
     kind: str,
     member_dim: int = -1,
     reduction: str = "mean",
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``mean`` (over non-NaN targets, 0 when none) or ``sum`` of the score ``kind``."""
-    total, count = ensemble_sum_and_count(members, target, kind=kind, member_dim=member_dim)
+    """``mean`` (over non-NaN targets, 0 when none) or ``sum`` of the score ``kind``
+    (weighted by ``weight`` if given: ``sum w s / sum w`` or ``sum w s``)."""
+    total, count = ensemble_sum_and_count(
+        members, target, kind=kind, member_dim=member_dim, weight=weight
+    )
     return reduce_total(total, count, reduction)
