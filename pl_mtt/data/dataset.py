@@ -5,7 +5,10 @@
     dataset = AtomisticDataset.from_file(
         "train.xyz",
         targets={"energy": {"quantity": "energy"}},          # forces/stress detected
-        extra_data={"energy_mask": {"read_from": "mask.mts"}},
+        extra_data={
+            "energy_mask": {"read_from": "mask.mts"},   # a TensorMap file
+            "config_weight": {"key": "config_weight"},  # an info key of train.xyz
+        },
     )
     dataset.target_options   # resolved options -> expand_loss_config / LossModule
     dataset.layouts()        # zero-sample TensorMaps -> Scaler(atomic_types, layouts)
@@ -25,7 +28,11 @@ from metatensor.torch import TensorMap
 from metatomic.torch import NeighborListOptions, System
 
 from pl_mtt.config import to_plain
-from pl_mtt.data.extra_data import read_extra_data
+from pl_mtt.data.extra_data import (
+    read_extra_data,
+    read_extra_data_from_frames,
+    reads_structure_file,
+)
 from pl_mtt.data.layout import zero_sample_layout
 from pl_mtt.data.systems import read_atoms, systems_from_atoms
 from pl_mtt.data.targets import read_targets
@@ -100,13 +107,17 @@ class AtomisticDataset(torch.utils.data.Dataset):
         dtype: torch.dtype = torch.float64,
     ) -> AtomisticDataset:
         """Read structures and targets from ``path`` (``ase.io.read``), extra data from
-        ``.mts`` files. Energy-like targets get forces/stress when the file has them."""
+        ``.mts`` files (``read_from``) or from ``path`` itself (``key``: an ``info`` or
+        ``arrays`` key, see :mod:`pl_mtt.data.extra_data`). Energy-like targets get
+        forces/stress when the file has them."""
         frames = read_atoms(path)
         systems = systems_from_atoms(frames, dtype)
         sources: dict[str, dict[str, tuple[str, str]]] = {}
         tensors, resolved = read_targets(path, targets, frames=frames, dtype=dtype, sources=sources)
         extra = {
-            name: read_extra_data(name, options, len(systems), dtype)
+            name: read_extra_data_from_frames(name, options, frames, str(path), dtype)
+            if reads_structure_file(options, path)
+            else read_extra_data(name, options, len(systems), dtype)
             for name, options in (to_plain(extra_data) or {}).items()
         }
         return cls(systems, tensors, extra, resolved, target_sources=sources)

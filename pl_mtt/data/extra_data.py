@@ -1,20 +1,31 @@
-"""Extra data (masks, ...) from ``.mts`` files, split per structure.
+"""Extra data (masks, sample weights, ...): from ``.mts`` files, split per structure, or
+from the structure file itself.
 
 .. code-block:: yaml
 
     extra_data:
       mtt::dos_mask:
         read_from: dos_mask.mts     # one TensorMap for the whole dataset
+      config_weight:
+        key: config_weight          # an info key of each structure of the (ext)xyz file
+      atom_weight:
+        key: atom_weight            # an arrays key: one value per atom
+        per_atom: true              # default: detected (an arrays key is per atom)
 
-The file holds one TensorMap whose samples have a ``system`` column indexing the
+An ``.mts`` file holds one TensorMap whose samples have a ``system`` column indexing the
 structures of the dataset (0..n_structures-1). It is split into one TensorMap per
 structure (``system`` 0, other sample columns kept, rows sorted), gradient blocks included, and
 batched like the targets. A mask ``<target>_mask`` has the metadata of its target.
+
+Without ``read_from`` (or with ``read_from`` naming the structure file) the entry is read
+from the structure file like a target: ``key`` (default: the entry's name) is an
+``info`` key (one row per structure, samples ``system``) or an ``arrays`` key (one row
+per atom, samples ``system, atom``), with properties ``properties`` 0..P-1.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +35,10 @@ import torch
 from metatensor.torch import Labels, TensorBlock, TensorMap
 
 from pl_mtt.config import check_known_keys, to_plain
+from pl_mtt.data.layout import property_labels, structure_tensor_map
+from pl_mtt.data.targets import available_keys, find_value, is_per_atom_key
 
-__all__ = ["read_extra_data", "split_by_system"]
+__all__ = ["read_extra_data", "read_extra_data_from_frames", "split_by_system"]
 
 EXTRA_DATA_OPTION_KEYS = (
     "read_from",
@@ -73,6 +86,92 @@ def read_extra_data(
         return split_by_system(tensor_map, n_structures)
     except ValueError as error:
         raise ValueError(f"extra_data.{name} ('{path}'): {error}") from None
+
+
+def read_extra_data_from_frames(
+    name: str,
+    options: Mapping[str, Any] | None,
+    frames: Sequence[Any],
+    path: str,
+    dtype: torch.dtype = torch.float64,
+) -> list[TensorMap]:
+    """Read extra-data entry ``name`` from the ``info``/``arrays`` of the structures of
+    ``path`` (``frames``, ``ase.Atoms``): one TensorMap per structure.
+
+    Raises ``ValueError`` naming ``extra_data.<name>``, the key, the structure and the
+    file when a structure lacks the key or its values do not fit.
+    """
+    options = dict(to_plain(options) or {})
+    check_known_keys(options, EXTRA_DATA_OPTION_KEYS, f"extra_data.{name}", "option")
+    if options.get("reader") not in (None, "ase"):
+        raise ValueError(
+            f"extra_data.{name}.reader: read from '{path}' itself with ase; remove 'reader' "
+            f"or give 'read_from: <file.mts>'"
+        )
+    key = str(options.get("key") or name)
+    values = []
+    for index, atoms in enumerate(frames):
+        try:
+            value = find_value(atoms, key)
+        except ValueError as error:
+            raise ValueError(f"extra_data.{name}: structure {index} of '{path}': {error}") from None
+        if value is None:
+            raise ValueError(
+                f"extra_data.{name}: key '{key}' not found in structure {index} of '{path}' "
+                f"(available: {available_keys(atoms)})"
+            )
+        values.append(value)
+    per_atom = options.get("per_atom")
+    if per_atom is None:
+        per_atom = bool(frames) and is_per_atom_key(frames[0], key)
+    result = []
+    n_properties = None
+    for index, (value, atoms) in enumerate(zip(values, frames, strict=True)):
+        if per_atom:
+            if value.ndim == 0 or value.shape[0] != len(atoms):
+                raise ValueError(
+                    f"extra_data.{name}: per-atom key '{key}' of structure {index} of "
+                    f"'{path}' has shape {value.shape}, expected {len(atoms)} rows (one per atom)"
+                )
+            rows = value.reshape(len(atoms), -1)
+        else:
+            rows = value.reshape(1, -1)
+        if n_properties is None:
+            n_properties = rows.shape[1]
+            expected = options.get("num_subtargets")
+            if expected is not None and int(expected) != n_properties:
+                raise ValueError(
+                    f"extra_data.{name}.num_subtargets: {expected} given but key '{key}' has "
+                    f"{n_properties} values per sample"
+                )
+        elif rows.shape[1] != n_properties:
+            raise ValueError(
+                f"extra_data.{name}: key '{key}' has {rows.shape[1]} values per sample in "
+                f"structure {index} of '{path}', {n_properties} in structure 0"
+            )
+        result.append(
+            structure_tensor_map(
+                torch.from_numpy(np.ascontiguousarray(rows)).to(dtype),
+                property_labels(n_properties, False),
+                per_atom=bool(per_atom),
+            )
+        )
+    return result
+
+
+def reads_structure_file(options: Mapping[str, Any] | str | None, path: str | Path) -> bool:
+    """Whether an extra-data entry is read from the structure file ``path`` itself (no
+    ``read_from``, or ``read_from`` naming ``path``) rather than from an ``.mts`` file."""
+    options = to_plain(options)
+    if isinstance(options, (str, Path)):
+        return False
+    read_from = (options or {}).get("read_from") if isinstance(options, Mapping) else None
+    if read_from is None:
+        return True
+    try:
+        return Path(read_from).resolve() == Path(path).resolve()
+    except OSError:
+        return str(read_from) == str(path)
 
 
 def _split_block(block: TensorBlock, n_structures: int) -> list[TensorBlock]:

@@ -47,7 +47,14 @@ from pl_mtt.data.layout import property_labels, structure_tensor_map
 from pl_mtt.data.report import DataWarning
 from pl_mtt.data.systems import read_atoms
 
-__all__ = ["find_value", "gradient_source", "read_targets", "resolve_target_options"]
+__all__ = [
+    "available_keys",
+    "find_value",
+    "gradient_source",
+    "is_per_atom_key",
+    "read_targets",
+    "resolve_target_options",
+]
 
 TARGET_OPTION_KEYS = (
     "quantity",
@@ -86,7 +93,9 @@ def find_value(atoms: ase.Atoms, key: str) -> np.ndarray | None:
         raise ValueError(f"value of key '{key}' is not numeric: {value!r}") from None
 
 
-def _is_per_atom_key(atoms: ase.Atoms, key: str) -> bool:
+def is_per_atom_key(atoms: ase.Atoms, key: str) -> bool:
+    """Whether ``key`` of ``atoms`` has one row per atom (an ``arrays`` key, or a
+    calculator result with one row per atom)."""
     if key in atoms.info:
         return False
     if key in atoms.arrays:
@@ -96,7 +105,7 @@ def _is_per_atom_key(atoms: ase.Atoms, key: str) -> bool:
     return value is not None and value.ndim >= 1 and value.shape[0] == len(atoms) > 1
 
 
-def _available_keys(atoms: ase.Atoms) -> str:
+def available_keys(atoms: ase.Atoms) -> str:
     info = sorted(atoms.info)
     arrays = sorted(k for k in atoms.arrays if k not in ("numbers", "positions"))
     results = sorted(getattr(atoms.calc, "results", {}) if atoms.calc is not None else {})
@@ -106,7 +115,7 @@ def _available_keys(atoms: ase.Atoms) -> str:
 def _missing(target: str, what: str, key: str, index: int, path: str, atoms: ase.Atoms) -> str:
     return (
         f"target '{target}': {what} key '{key}' not found in structure {index} of "
-        f"'{path}' (available: {_available_keys(atoms)})"
+        f"'{path}' (available: {available_keys(atoms)})"
     )
 
 
@@ -160,7 +169,7 @@ def resolve_target_options(
     first = next((a for a in frames if find_value(a, key) is not None), frames[0])
     per_atom = options.get("per_atom")
     if per_atom is None:
-        per_atom = _is_per_atom_key(first, key)
+        per_atom = is_per_atom_key(first, key)
     resolved: dict[str, Any] = {
         "quantity": options.get("quantity") or ("energy" if energy_like else ""),
         "key": key,

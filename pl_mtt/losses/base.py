@@ -540,7 +540,9 @@ def create_loss(
         try:
             full[key] = PARAM_KINDS[WEIGHTING_KEYS[key]](value)
         except ValueError as error:
-            raise ValueError(f"loss type '{type}': '{key}' must be {error}, got {value!r}") from None
+            raise ValueError(
+                f"loss type '{type}': '{key}' must be {error}, got {value!r}"
+            ) from None
     unknown = sorted(set(params) - set(loss_type.params))
     if unknown:
         raise ValueError(

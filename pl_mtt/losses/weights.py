@@ -19,8 +19,8 @@ neither), so uniform weights change nothing. ``extra_data[<name>]`` is one of:
 - **per atom**: one block, samples ``["system", "atom"]``, one property, no components;
   an atom's value weights the entries of the rows that name it (rows of a per-atom
   target, force rows);
-- **the target's own layout** (the target's keys, sample names and shapes; for a
-  gradient term with that gradient): one weight per entry.
+- **the target's own layout** (the target's keys, sample names and shapes, any
+  property names; for a gradient term with that gradient): one weight per entry.
 
 Type weights multiply the weight of every row that names an atom (``system`` and
 ``atom`` sample columns: per-atom targets, forces) by the weight of its atomic type
@@ -66,6 +66,9 @@ class EntryWeights:
 
     CHECK_EVERY = 64
     """Calls between two host reads of the invalid-weight flags of device tensors."""
+
+    HOST_DEVICES: tuple[str, ...] = ("cpu",)
+    """Device types whose weights are read on the host in every call (no synchronisation)."""
 
     def __init__(
         self, sample_weights: str | None = None, type_weights: Mapping[int, float] | None = None
@@ -191,25 +194,32 @@ class EntryWeights:
         weight_map: TensorMap,
     ) -> tuple[str, list[torch.Tensor]]:
         """How ``weight_map`` applies to the term, and the per-entry weight values (for
-        :data:`PER_ENTRY`)."""
-        if len(weight_map) == len(target):
+        :data:`PER_ENTRY`). One value per structure or per atom is placed by the rows'
+        sample columns (whatever the order of the rows), so those forms come first; a
+        gradient term whose weights have that gradient takes them per entry."""
+        has_gradient = term.gradient is not None and all(
+            term.gradient in b.gradients_list() for b in weight_map.blocks()
+        )
+        if not has_gradient:
+            if _is_one_value_per(weight_map, ["system"]):
+                return PER_STRUCTURE, []
+            if _is_one_value_per(weight_map, ["system", "atom"]):
+                return PER_ATOM, []
+        if len(weight_map) == len(target) and (term.gradient is None or has_gradient):
             weight_blocks = weight_map.blocks()
             if term.gradient is not None:
-                present = all(term.gradient in b.gradients_list() for b in weight_blocks)
-                weight_blocks = [b.gradient(term.gradient) for b in weight_blocks] if present else []
+                weight_blocks = [b.gradient(term.gradient) for b in weight_blocks]
             if weight_blocks and all(
                 w.values.shape == v.shape and w.samples.names == b.samples.names
                 for w, v, b in zip(weight_blocks, values, blocks, strict=True)
             ):
                 term.check_once(
                     ("sample weights", self.sample_key, _shapes(values)),
-                    lambda: _check_entry_layout(term, target, blocks, weight_map, weight_blocks, self.what),
+                    lambda: _check_entry_layout(
+                        term, target, blocks, weight_map, weight_blocks, self.what
+                    ),
                 )
                 return PER_ENTRY, [w.values for w in weight_blocks]
-        if _is_one_value_per(weight_map, ["system"]):
-            return PER_STRUCTURE, []
-        if _is_one_value_per(weight_map, ["system", "atom"]):
-            return PER_ATOM, []
         target_names = [b.samples.names for b in blocks]
         raise term.error(
             f"{self.what} must have one value per structure (one block, samples ['system'], "
@@ -221,7 +231,11 @@ class EntryWeights:
         )
 
     def _row_atoms(
-        self, term: LossTerm, atoms: BatchAtoms, block: TensorBlock, what: str = "per-atom sample_weights"
+        self,
+        term: LossTerm,
+        atoms: BatchAtoms,
+        block: TensorBlock,
+        what: str = "per-atom sample_weights",
     ) -> torch.Tensor:
         names = block.samples.names
         if "system" not in names or "atom" not in names:
@@ -246,7 +260,7 @@ class EntryWeights:
         if values.numel() == 0:
             return
         low, high = torch.aminmax(values)
-        if values.device.type == "cpu" or values.device not in self._checked_devices:
+        if values.device.type in self.HOST_DEVICES or values.device not in self._checked_devices:
             self._checked_devices.add(values.device)
             if not (float(low) >= 0 and float(high) < float("inf")):
                 raise self._invalid(term, float(low), float(high))
@@ -267,9 +281,12 @@ class EntryWeights:
         if bool(flags.any()):
             first = int(flags.to(torch.int64).argmax())
             description = pending[first][0]
+            calls = (
+                "the last call" if len(pending) == 1 else f"one of the last {len(pending)} calls"
+            )
             raise ValueError(
                 f"loss on {description}: {self.what} had negative, NaN or infinite values "
-                f"in one of the last {len(pending)} calls; weights must be finite and >= 0"
+                f"in {calls}; weights must be finite and >= 0"
             )
 
     def _invalid(self, term: LossTerm, low: float, high: float) -> ValueError:
@@ -287,11 +304,7 @@ def _is_one_value_per(tensor_map: TensorMap, names: list[str]) -> bool:
     if len(tensor_map) != 1:
         return False
     block = tensor_map.block_by_id(0)
-    return (
-        block.values.dim() == 2
-        and block.values.shape[1] == 1
-        and block.samples.names == names
-    )
+    return block.values.dim() == 2 and block.values.shape[1] == 1 and block.samples.names == names
 
 
 def _describe(tensor_map: TensorMap) -> str:
@@ -315,7 +328,16 @@ def _check_entry_layout(
 ) -> None:
     from pl_mtt.losses.base import check_same_layout  # base imports this module
 
-    check_same_layout(term, target, blocks, weight_map, weight_blocks, ("target", what))
+    # property names are not compared: weights read from a file name them otherwise
+    check_same_layout(
+        term, target, blocks, weight_map, weight_blocks, ("target", what), properties=False
+    )
+    for index, (block, weight_block) in enumerate(zip(blocks, weight_blocks, strict=True)):
+        if block.samples != weight_block.samples:
+            raise term.error(
+                f"block {index}: the rows of {what} are not those of the target (same "
+                f"samples in the same order are needed for one weight per entry)"
+            )
 
 
 def _batch_atoms(term: LossTerm, systems: list | None, what: str) -> BatchAtoms:

@@ -219,3 +219,34 @@ def shuffled_energy(positions_value: float, strain_value: float, atoms: tuple[in
         ),
     )
     return TensorMap(Labels.single(), [block])
+
+
+def structure_weights(values: torch.Tensor, order: list[int] | None = None) -> TensorMap:
+    """Per-structure sample weights: one block, samples ``system`` (rows in ``order``,
+    default 0..B-1), one property; ``values[s]`` is the weight of structure ``s``."""
+    order = list(range(len(values))) if order is None else list(order)
+    return TensorMap(
+        Labels.single(),
+        [
+            TensorBlock(
+                values[order].reshape(-1, 1),
+                labels(["system"], order),
+                [],
+                labels(["weight"], [[0]]),
+            )
+        ],
+    )
+
+
+def atom_weights(values: torch.Tensor, n_atoms: list[int]) -> TensorMap:
+    """Per-atom sample weights: samples ``system, atom`` in batch order, one property."""
+    return TensorMap(
+        Labels.single(),
+        [TensorBlock(values.reshape(-1, 1), atom_samples(n_atoms), [], labels(["weight"], [[0]]))],
+    )
+
+
+def random_weights(shape, generator: torch.Generator, dtype=torch.float64) -> torch.Tensor:
+    """Weights drawn from {0, 0.5, 1, 2.5, 3.75}: zeros included (they count for nothing)."""
+    choices = torch.tensor([0.0, 0.5, 1.0, 2.5, 3.75], dtype=dtype)
+    return choices[torch.randint(0, 5, tuple(shape), generator=generator)]

@@ -274,9 +274,7 @@ def pointwise_segment_sums(
         *(masks if masks is not None else ()),
         *(weights if weighted else ()),
     )
-    return _SegmentSums.apply(
-        kind, float(delta), n_segments, masks is not None, weighted, *tensors
-    )
+    return _SegmentSums.apply(kind, float(delta), n_segments, masks is not None, weighted, *tensors)
 
 
 def pointwise_loss(
