@@ -447,6 +447,38 @@ def test_uniform_weights_equal_the_unweighted_loss_exactly(value):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("value", [1.0, 0.25])
+def test_uniform_weights_on_the_fused_path_equal_the_unweighted_loss_exactly(value):
+    """The same on prepare_for_loss's mappings (the fused path after the first batch)."""
+    from tests.test_lean_step import OPTIONS, _data, _fitted, _Holder, _raw
+
+    data = _data()
+    scaler, composition = _fitted(data)
+    holder = _Holder(scaler, composition)
+    plain_config = {"energy": {"type": "mse", "forces": "mae", "stress": "huber"}}
+    plain = LossModule(plain_config, OPTIONS, scaler)
+    types = {1: 1.0, 6: 1.0, 8: 1.0} if value == 1.0 else None
+    weighted = LossModule(_weighted(plain_config, "uniform", types), OPTIONS, scaler)
+    for index, (systems, targets, extra) in enumerate(data):
+        extra = {**extra, "uniform": structure_weights(torch.full((len(systems),), value))}
+        raw = _raw(targets, index)
+        leaves = [t for m in raw.values() for t in leaves_of(m)]
+        results = []
+        for module in (plain, weighted):
+            predictions, loss_targets = scaling.prepare_for_loss(holder, systems, raw, targets)
+            results.append(module(predictions, loss_targets, extra, systems))
+            assert ("energy" in loss_targets.batch.residuals) == (index > 0)
+        assert torch.equal(results[1], results[0])
+        for a, b in zip(
+            torch.autograd.grad(results[1], leaves, allow_unused=True),
+            torch.autograd.grad(results[0], leaves, allow_unused=True),
+            strict=True,
+        ):
+            assert (a is None and b is None) or torch.equal(a, b)
+    for name, value_ in plain.compute().items():
+        assert torch.equal(weighted.compute()[name], value_), name
+
+
 def test_a_constant_weight_changes_the_mean_only_by_rounding():
     predictions, targets, extra, systems, _, _ = batch(6)
     extra["uniform"] = structure_weights(torch.full((len(N_ATOMS),), 0.3, dtype=torch.float64))
@@ -893,3 +925,221 @@ def test_weights_on_an_accelerator_are_checked_without_a_host_read_per_call(monk
         module(*good)  # the third pending flag: read now
     module(*good)
     module.compute()  # nothing bad pending
+
+
+# -- weights from the data: extxyz info/arrays keys, metatrain's disk formats, a real run ----
+def cu_au_frames(n: int = 8) -> list:
+    """4-atom Cu cells with some Au, labelled by EMT, with ``info["config_weight"]``
+    (0 for every fourth structure) and ``arrays["atom_weight"]``."""
+    import ase.build
+    import numpy as np
+    from ase.calculators.emt import EMT
+
+    rng = np.random.default_rng(3)
+    frames = []
+    for index in range(n):
+        atoms = ase.build.bulk("Cu", "fcc", a=3.6, cubic=True)
+        atoms.numbers[rng.random(len(atoms)) < 0.4] = 79
+        atoms.rattle(0.05, seed=index)
+        atoms.calc = EMT()
+        labelled = ase.Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=True)
+        labelled.info["energy"] = atoms.get_potential_energy()
+        labelled.arrays["forces"] = atoms.get_forces()
+        labelled.info["stress"] = atoms.get_stress()
+        labelled.info["config_weight"] = 0.0 if index % 4 == 3 else float(rng.uniform(0.5, 3.0))
+        labelled.arrays["atom_weight"] = rng.uniform(0.0, 2.0, size=len(atoms))
+        frames.append(labelled)
+    return frames
+
+
+ENERGY = {"energy": {"quantity": "energy"}}
+FILE_WEIGHTS = {"config_weight": {}, "atom_weight": {"key": "atom_weight"}}
+FILE_LOSS = {
+    "energy": {
+        "sample_weights": "config_weight",
+        "forces": {"type": "mae", "sample_weights": "atom_weight", "type_weights": {"Au": 2.5}},
+        "stress": {"sample_weights": "config_weight"},
+    }
+}
+
+
+def test_extxyz_info_and_arrays_keys_are_read_as_extra_data(tmp_path):
+    import ase.io
+
+    from pl_mtt.data import AtomisticDataset
+
+    path = tmp_path / "train.xyz"
+    ase.io.write(path, cu_au_frames())
+    frames = ase.io.read(path, ":")  # the values as the file holds them
+    dataset = AtomisticDataset.from_file(path, ENERGY, FILE_WEIGHTS)
+    for index, atoms in enumerate(frames):
+        _, _, extra = dataset[index]
+        per_structure = extra["config_weight"].block_by_id(0)
+        assert per_structure.samples.names == ["system"]
+        assert per_structure.values.tolist() == [[atoms.info["config_weight"]]]
+        per_atom = extra["atom_weight"].block_by_id(0)
+        assert per_atom.samples.names == ["system", "atom"]
+        assert per_atom.values[:, 0].tolist() == atoms.arrays["atom_weight"].tolist()
+    del frames[5].info["config_weight"]
+    ase.io.write(path, frames)
+    with pytest.raises(
+        ValueError,
+        match=rf"^extra_data\.config_weight: key 'config_weight' not found in structure 5 of "
+        rf"'{re_escape(path)}' \(available: info keys",
+    ):
+        AtomisticDataset.from_file(path, ENERGY, FILE_WEIGHTS)
+    with pytest.raises(ValueError, match=r"^extra_data\.w\.reader: read from"):
+        AtomisticDataset.from_file(path, ENERGY, {"w": {"key": "energy", "reader": "metatensor"}})
+
+
+def re_escape(path) -> str:
+    import re
+
+    return re.escape(str(path))
+
+
+def _batch_loss(dataset, loss=FILE_LOSS):
+    from pl_mtt.data import collate
+
+    systems, targets, extra = collate([dataset[i] for i in range(len(dataset))])
+    predictions = {"energy": map_like(targets["energy"], lambda v: v * 0.9 + 0.05)}
+    module = LossModule(loss, dataset.target_options)
+    module(predictions, targets, extra, systems)
+    return module.last_values
+
+
+@pytest.mark.parametrize("suffix", [".zip", "_memmap"])
+def test_disk_formats_carry_the_weights_of_the_extxyz(tmp_path, suffix):
+    """The weights written into a zip or a directory with the structures are read back
+    by key and give the same weighted losses as the extxyz they came from."""
+    import ase.io
+
+    from pl_mtt.data import AtomisticDataset, open_dataset, write_dataset
+
+    path = tmp_path / "train.xyz"
+    ase.io.write(path, cu_au_frames())
+    dataset = AtomisticDataset.from_file(path, ENERGY, FILE_WEIGHTS)
+    disk = tmp_path / f"train{suffix}"
+    if suffix != ".zip":
+        disk.mkdir()
+    extra_options = {"config_weight": {}, "atom_weight": {"per_atom": True}}
+    write_dataset(disk, dataset, extra_data_options=extra_options)
+    targets = {"energy": {"quantity": "energy", "forces": True, "stress": True}}
+    read = {"config_weight": {"key": "config_weight"}, "atom_weight": {"per_atom": True}}
+    reopened = open_dataset(disk, targets, read)
+    expected = _batch_loss(dataset)
+    for name, value in _batch_loss(reopened).items():
+        # a directory stores float32 (exact for the weights of this file only to 1e-7)
+        tolerance = 0 if suffix == ".zip" else 1e-6
+        torch.testing.assert_close(value, expected[name], rtol=tolerance, atol=0, msg=name)
+
+
+def test_real_training_run_applies_the_weights_of_the_extxyz(tmp_path):
+    """A real Trainer run (weights from extxyz info and arrays keys, lr 0 so that the
+    model is the same throughout): the logged epoch losses of training and validation
+    equal the loop reference over the prepared batches (sum w l / sum w)."""
+    import ase.io
+    import lightning.pytorch as pl  # noqa: F401
+
+    from pl_mtt import AtomisticTask, ScalerCallback
+    from pl_mtt.data import AtomisticDataModule, collate
+    from pl_mtt.models import RadialMLP
+    from tests.conftest import quiet_trainer
+
+    path = tmp_path / "train.xyz"
+    ase.io.write(path, cu_au_frames(12))
+    data = AtomisticDataModule(
+        path=str(path),
+        targets=ENERGY,
+        extra_data=FILE_WEIGHTS,
+        batch_size=4,
+        val_fraction=0.25,
+        test_fraction=0.0,
+    )
+    data.setup()
+    torch.manual_seed(0)
+    task = AtomisticTask(RadialMLP(n_radial=4, hidden=[8]), FILE_LOSS, data.target_options, lr=0.0)
+    trainer = quiet_trainer(max_epochs=1, callbacks=[ScalerCallback()], default_root_dir=tmp_path)
+    trainer.fit(task, data)
+    logged = trainer.callback_metrics
+    config = expand_loss_config(FILE_LOSS, data.target_options)
+    terms = {
+        "energy": (None, config["energy"]),
+        "energy/forces": ("positions", config["energy"]["gradients"]["positions"]),
+        "energy/stress": ("strain", config["energy"]["gradients"]["strain"]),
+    }
+    for stage, dataset in (("train", data.train_dataset), ("val", data.val_dataset)):
+        sums = {name: [0.0, 0.0] for name in terms}
+        for start in range(0, len(dataset), 4):
+            systems, targets, extra = collate(
+                [dataset[i] for i in range(start, min(start + 4, len(dataset)))]
+            )
+            with torch.enable_grad():
+                raw = task.model(systems)
+            predictions, loss_targets = scaling.prepare_for_loss(task, systems, raw, targets)
+            predictions, loss_targets = dict(predictions), dict(loss_targets)
+            types = [s.types.tolist() for s in systems]
+            for name, (gradient, spec) in terms.items():
+                key = spec["sample_weights"]
+                weights = (
+                    structure_data(extra[key].block_by_id(0).values.reshape(-1))
+                    if key == "config_weight"
+                    else atom_data(
+                        extra[key].block_by_id(0).values.reshape(-1),
+                        [len(s) for s in systems],
+                    )
+                )
+                p = flat_values(predictions["energy"], gradient).detach().tolist()
+                for index, value, system, atom in term_entries(loss_targets["energy"], gradient):
+                    if math.isnan(value):
+                        continue
+                    w = entry_weight(
+                        weights, index, system, atom, types, spec.get("type_weights")
+                    )
+                    sums[name][0] += w * elementwise_reference(spec["type"], p[index] - value, 1.0)
+                    sums[name][1] += w
+        for name, (numerator, denominator) in sums.items():
+            got = logged[f"{stage}/loss/{name}"].item()
+            assert got == pytest.approx(numerator / denominator, rel=1e-9), (stage, name)
+
+
+def test_the_app_reads_weights_from_the_file_and_checks_their_names(tmp_path, monkeypatch):
+    """Hydra composition of both parameters with data.extra_data, through the app's own
+    data reading (dry run); a sample_weights name that the data lacks is an error naming
+    the loss key, before training."""
+    import ase.io
+    from hydra import compose, initialize_config_dir
+
+    from pl_mtt.training.app import UserInputError, config_dir, run
+    from pl_mtt.training.schema import register_configs
+
+    path = tmp_path / "train.xyz"
+    ase.io.write(path, cu_au_frames())
+    register_configs()
+    overrides = [
+        f"data.path={path}",
+        "+data.extra_data.config_weight={key: config_weight}",
+        "loss.energy.sample_weights=config_weight",
+        "loss.energy.forces.sample_weights=config_weight",
+        "loss.energy.forces.type_weights={29: 1.0, 79: 2.0}",
+        "dry_run=true",
+    ]
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+        wrong = compose(
+            config_name="config",
+            overrides=[*overrides[:-2], "loss.energy.stress.sample_weights=cw", "dry_run=true"],
+        )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("pl_mtt.training.app.output_dir", lambda: tmp_path)
+    monkeypatch.setattr("pl_mtt.training.app.command_line_overrides", lambda: overrides)
+    expanded = run(cfg)["loss"]
+    assert expanded["energy"]["sample_weights"] == "config_weight"
+    forces = expanded["energy"]["gradients"]["positions"]
+    assert forces["type_weights"] == {29: 1.0, 79: 2.0}
+    with pytest.raises(
+        UserInputError,
+        match=r"^loss\.energy\.stress\.sample_weights: 'cw' is not an entry of "
+        r"data\.extra_data \(entries: \['config_weight'\]\)",
+    ):
+        run(wrong)

@@ -9,7 +9,7 @@
       n_structures: null       # how many: generated (embedded), or the first n of `path`
       targets:                 # spec form; empty -> the embedded dataset's targets
         energy: {quantity: energy, key: energy, forces: true, stress: true}
-      extra_data: {}           # name -> {read_from: file.mts}; merged with the embedded ones
+      extra_data: {}           # name -> {read_from: file.mts} or {key: info/arrays key of the file}
       val_fraction: 0.1        # random split of the training structures...
       test_fraction: 0.1
       indices: null            # training structures of `path`: a list or an index file
@@ -118,7 +118,8 @@ class AtomisticDataModule(lightning.LightningDataModule):
             (its default if None), or the first ``n_structures`` of ``path`` (all if
             None; more than the file has is an error).
         targets: target name -> options (spec form); None/empty: the embedded ones.
-        extra_data: name -> ``{read_from: file.mts}`` (added to the embedded ones).
+        extra_data: name -> ``{read_from: file.mts}``, or ``{key: <info/arrays key>}`` of
+            the structure file (e.g. sample weights; added to the embedded ones).
         val_fraction, test_fraction: split fractions of the training structures
             (random, seeded by ``split_seed``); not used for a set given explicitly.
         indices: the training structures of ``path`` (a list or an index file, see
@@ -196,6 +197,7 @@ class AtomisticDataModule(lightning.LightningDataModule):
         self.report: DataReport | None = None
         self._other_datasets: list[AtomisticDataset | FileDataset] = []
         self.neighbor_lists: list[NeighborListOptions] = []
+        self.extra_data_names: list[str] = []  # of the training data, once read
 
     # -- loading --------------------------------------------------------------------
     def _sources(self) -> tuple[str, dict[str, Any], dict[str, Any]]:
@@ -244,6 +246,7 @@ class AtomisticDataModule(lightning.LightningDataModule):
         if self.train_dataset is not None:
             return
         path, targets, extra = self._sources()
+        self.extra_data_names = list(extra)
         full = open_dataset(path, targets, extra, dtype=self.dtype)
         n_available = len(full)
         full = self._first_structures(full, path)

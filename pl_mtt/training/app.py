@@ -383,14 +383,46 @@ def loss_for_data(
     return loss, expand_loss_config(loss, targets), dropped
 
 
+def check_sample_weights(
+    expanded: dict[str, dict], targets: dict[str, Any], extra_data_names: Sequence[str]
+) -> None:
+    """Every ``sample_weights`` of the loss names an entry of the data's ``extra_data``
+    (checked once after reading the data, rather than at the first step)."""
+    for name, entry in expanded.items():
+        terms = [(f"loss.{name}", entry)]
+        for gradient, term in entry["gradients"].items():
+            alias = gradient_alias(name, targets.get(name), gradient)
+            key = alias if alias != gradient else f"gradients.{gradient}"
+            terms.append((f"loss.{name}.{key}", term))
+        for path, term in terms:
+            key = term.get("sample_weights")
+            if key is not None and key not in extra_data_names:
+                raise ValueError(
+                    f"{path}.sample_weights: '{key}' is not an entry of data.extra_data "
+                    f"(entries: {list(extra_data_names)}); read it with e.g. "
+                    f"data.extra_data.{key}={{key: {key}}} (an info or arrays key of the "
+                    f"structure file) or {{read_from: <file.mts>}}"
+                )
+
+
+def _term_text(term: dict) -> str:
+    """``mse``, or ``mse, weights config_weight x type weights {29: 1.0, 79: 2.0}``."""
+    weights = []
+    if term.get("sample_weights") is not None:
+        weights.append(str(term["sample_weights"]))
+    if term.get("type_weights"):
+        weights.append(f"type weights {term['type_weights']}")
+    return term["type"] + (f", weights {' x '.join(weights)}" if weights else "")
+
+
 def loss_summary(expanded: dict[str, dict], targets: dict[str, Any], dropped: list[str]) -> str:
     """One line of loss terms, and the configured entries left out for missing data."""
     terms = []
     for name, entry in expanded.items():
-        terms.append(f"{name} ({entry['type']})")
+        terms.append(f"{name} ({_term_text(entry)})")
         for gradient, term in entry["gradients"].items():
             alias = gradient_alias(name, targets.get(name), gradient)
-            terms.append(f"{name}/{alias} ({term['type']})")
+            terms.append(f"{name}/{alias} ({_term_text(term)})")
     lines = [f"loss terms: {', '.join(terms)}"]
     if dropped:
         lines.append(
@@ -426,6 +458,7 @@ def train(cfg: DictConfig, explicit_loss: Sequence[tuple[str, ...]] = ()) -> dic
         datamodule, data_warnings = read_data(cfg)
         targets = datamodule.target_options
         loss, expanded, dropped = loss_for_data(cfg, targets, explicit_loss)
+        check_sample_weights(expanded, targets, datamodule.extra_data_names)
         LossSchedule(expanded, cfg.loss_schedule, targets)  # the stages, on the data's terms
     _print(
         start_up_summary(
