@@ -65,21 +65,23 @@ MODELS = {
         "num_gnn_layers": 2,
     },
 }
-NOTES = """Where the time of an epoch goes (cProfile of both tools on the same data, and the
-pl_mtt step timed apart from its model): in both, about 90-95 % is the architecture's own
-forward pass, the forces and stress by autograd with `create_graph` and the backward pass
-through them: the same metatrain code, at the same cost (within noise) in both runs.
+NOTES = """Where the time of an epoch goes (cProfile of both tools on the same data): in
+both, the architecture's own forward pass, the forces and stress by autograd with
+`create_graph` and the backward pass through them take almost all of a step: the same
+metatrain code at the same cost. A pl_mtt SOAP-BPNN training step of 8 structures on
+one quiet core: 168 ms, of which 66 ms the model's forward with its forces and stress
+(about 3 ms of it building the strained systems and pair vectors), 97 ms the backward,
+and about 5 ms everything else (pl_mtt's pipeline, loss and metrics, Lightning's loop).
 `mtt train` adds its collate function, which for every batch converts the systems to
 ase, recomputes their neighbour lists, removes the composition baseline and the scales
-from the targets, and for PET applies random rotations: about 60 ms per batch of 8
-(5-10 % of an epoch, more for small datasets). pl_mtt attaches the neighbour lists once
-per structure and reuses them in every epoch; its own part of a step (scaling pipeline,
-loss, metrics, Lightning's loop) is about 15 ms (2-3 %). The epoch-time ratio is
-therefore bounded near 0.9 for these models on CPU; 0.8 would need a faster model step,
-which is metatrain's in both. pl_mtt's time to the first epoch includes Hydra, Lightning
-and its one-pass scale fit; mtt's its own imports and fits. The validation MAEs agree
-within a few per cent (the runs differ in PET's random rotations, which pl_mtt does not
-apply, and in the order of floating-point reductions).
+from the targets, and for PET applies random rotations: about 35-55 ms per batch of 8
+(14-17 % of an epoch in the quiet run). pl_mtt attaches the neighbour lists once per
+structure and reuses them in every epoch, so its epoch is shorter by about that share;
+the ratio cannot go much below 1 - (mtt's collate share), because what is left is the
+architecture's own step in both tools. pl_mtt's time to the first epoch includes Hydra,
+Lightning, building the model and its one-pass scale fit; mtt's its own imports and
+fits. The validation MAEs agree within a few per cent (the runs differ in PET's random
+rotations, which pl_mtt does not apply, and in the order of floating-point reductions).
 """
 
 EPOCH_LINES = {

@@ -29,6 +29,7 @@ from pl_mtt.tensormaps.neighbors import attach_neighbor_lists
 __all__ = [
     "BatchGeometry",
     "batch_geometry",
+    "compiled_neighbor_pairs",
     "geometry_from_pairs",
     "neighbor_pairs",
     "system_of_atoms",
@@ -120,7 +121,7 @@ def neighbor_pairs(
     )
 
 
-_compiled_neighbor_pairs = lazy_script(neighbor_pairs)  # the Python path calls it compiled
+compiled_neighbor_pairs = lazy_script(neighbor_pairs)  # what Python callers call
 
 
 def batch_geometry(
@@ -142,7 +143,7 @@ def batch_geometry(
         else NeighborListOptions(cutoff=float(cutoff), full_list=True, strict=True)
     )
     attach_neighbor_lists(systems, [options])
-    centers, neighbors, shifts, pair_system, _ = _compiled_neighbor_pairs(systems, options)
+    centers, neighbors, shifts, pair_system, _ = compiled_neighbor_pairs(systems, options)
     return geometry_from_pairs(
         systems,
         (centers, neighbors, shifts, pair_system),

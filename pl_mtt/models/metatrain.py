@@ -40,6 +40,7 @@ from metatensor.torch import Labels, TensorBlock, TensorMap
 from metatomic.torch import ModelOutput, NeighborListOptions, System
 
 from pl_mtt.config import is_energy_like, to_plain
+from pl_mtt.models.geometry import compiled_neighbor_pairs, system_of_atoms
 from pl_mtt.tensormaps.builders import atomistic_tensor_map, range_labels
 from pl_mtt.tensormaps.neighbors import attach_neighbor_lists, requested_neighbor_lists
 from pl_mtt.typecheck import check_value
@@ -387,17 +388,13 @@ class _StrainedBatch:
         forces: bool,
         stress: bool,
     ) -> None:
-        device, dtype = systems[0].positions.device, systems[0].positions.dtype
-        counts = [len(system) for system in systems]
-        self.atom_system = torch.cat(
-            [torch.full((n,), i, dtype=torch.int64, device=device) for i, n in enumerate(counts)]
-        )
-        self.atom_index = torch.cat([torch.arange(n, device=device) for n in counts])
+        dtype = systems[0].positions.dtype
+        self.atom_system, self.atom_index = system_of_atoms(systems)
         positions = torch.cat([system.positions.detach() for system in systems])
         cells = torch.stack([system.cell.detach() for system in systems])
         self.positions = positions.requires_grad_(forces)
         self.strain = torch.zeros(
-            (len(systems), 3, 3), dtype=dtype, device=device, requires_grad=stress
+            (len(systems), 3, 3), dtype=dtype, device=positions.device, requires_grad=stress
         )
         displaced, strained = self.positions, cells
         if stress:
@@ -405,16 +402,14 @@ class _StrainedBatch:
                 "na,nab->nb", displaced, self.strain[self.atom_system]
             )
             strained = cells + torch.einsum("sac,scb->sab", cells, self.strain)
-        offsets = torch.tensor([0, *counts[:-1]], device=device).cumsum(0)
-        per_system = displaced.split(counts)
+        per_system = displaced.split([len(system) for system in systems])
         self.systems = [
             System(types=s.types, positions=p, cell=c, pbc=s.pbc)
             for s, p, c in zip(systems, per_system, strained, strict=True)
         ]
         attach_neighbor_lists(systems, requests)  # only those missing (the data layer's)
         for options in requests:
-            lists = [system.get_neighbor_list(options) for system in systems]
-            blocks = _rebuilt_vectors(lists, displaced, strained, offsets)
+            blocks = _rebuilt_vectors(systems, options, displaced, strained)
             for system, block in zip(self.systems, blocks, strict=True):
                 system.add_neighbor_list(options, block)
 
@@ -426,30 +421,22 @@ class _StrainedBatch:
 
 
 def _rebuilt_vectors(
-    lists: list[TensorBlock],
+    systems: list[System],
+    options: NeighborListOptions,
     positions: torch.Tensor,
     cells: torch.Tensor,
-    offsets: torch.Tensor,
 ) -> list[TensorBlock]:
-    """Pair vectors ``x_j - x_i + S h`` of every list, from (strained) positions and
-    cells, in one batched computation; one block per system with the list's metadata."""
-    samples = [block.samples.values for block in lists]
-    sizes = [len(s) for s in samples]
-    joined = torch.cat(samples).to(positions.device)
-    pair_system = torch.cat(
-        [
-            torch.full((n,), i, dtype=torch.int64, device=positions.device)
-            for i, n in enumerate(sizes)
-        ]
-    )
-    first = joined[:, 0].to(torch.int64) + offsets[pair_system]
-    second = joined[:, 1].to(torch.int64) + offsets[pair_system]
-    shifts = joined[:, 2:5].to(positions.dtype)
+    """Pair vectors ``x_j - x_i + S h`` of the list ``options`` of every system, from
+    (strained) positions and cells, in one batched computation (the pairs gathered by
+    one TorchScript call); one block per system with the list's metadata."""
+    centers, neighbors, shifts, pair_system, _ = compiled_neighbor_pairs(systems, options)
     vectors = (
-        positions[second]
-        - positions[first]
-        + torch.einsum("pa,pab->pb", shifts, cells[pair_system])
+        positions[neighbors]
+        - positions[centers]
+        + torch.einsum("pa,pab->pb", shifts.to(positions.dtype), cells[pair_system])
     )
+    lists = [system.get_neighbor_list(options) for system in systems]
+    sizes = [len(block.samples) for block in lists]
     return [
         TensorBlock(values[:, :, None], block.samples, block.components, block.properties)
         for values, block in zip(vectors.split(sizes), lists, strict=True)
