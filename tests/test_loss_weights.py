@@ -1093,9 +1093,7 @@ def test_real_training_run_applies_the_weights_of_the_extxyz(tmp_path):
                 for index, value, system, atom in term_entries(loss_targets["energy"], gradient):
                     if math.isnan(value):
                         continue
-                    w = entry_weight(
-                        weights, index, system, atom, types, spec.get("type_weights")
-                    )
+                    w = entry_weight(weights, index, system, atom, types, spec.get("type_weights"))
                     sums[name][0] += w * elementwise_reference(spec["type"], p[index] - value, 1.0)
                     sums[name][1] += w
         for name, (numerator, denominator) in sums.items():
