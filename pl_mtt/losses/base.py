@@ -20,6 +20,7 @@ import torch
 from metatensor.torch import TensorBlock, TensorMap
 
 from pl_mtt.losses.functional.pointwise import reduce_total
+from pl_mtt.losses.layout_checks import block_name, check_same_layout
 from pl_mtt.losses.weights import EntryWeights
 from pl_mtt.registry import PARAM_KINDS, REQUIRED, WEIGHTING_KEYS, get_loss_type, loss_type_names
 from pl_mtt.tensormaps.builders import TensorMaps
@@ -439,62 +440,6 @@ class PerStructureLoss(LossTerm):
             weights = self._structure_weights(targets, extra_data)
             return losses if weights is None else losses * weights
         return super().forward(predictions, targets, extra_data, systems)
-
-
-def block_name(tensor_map: TensorMap, index: int) -> str:
-    """``block 1 (key o3_lambda=2, o3_sigma=1)`` for error messages (reads ``Labels``)."""
-    entry = tensor_map.keys.entry(index)
-    key = ", ".join(f"{n}={v}" for n, v in zip(entry.names, entry.values.tolist(), strict=True))
-    return f"block {index} (key {key})"
-
-
-def _labels_text(labels) -> str:
-    return f"{list(labels.names)} ({len(labels)} entries)"
-
-
-def check_same_layout(
-    term: LossTerm,
-    reference: TensorMap,
-    reference_blocks: list[TensorBlock],
-    other: TensorMap,
-    other_blocks: list[TensorBlock],
-    names: tuple[str, str],
-    *,
-    properties: bool = True,
-) -> None:
-    """Full metadata check: same keys, and per block the same sample count and
-    components (and properties unless ``properties=False``). Raises ``term.error``."""
-    first, second = names
-    if len(reference_blocks) != len(other_blocks) or reference.keys != other.keys:
-        raise term.error(
-            f"{second} keys {_labels_text(other.keys)} differ from the {first} keys "
-            f"{_labels_text(reference.keys)}"
-        )
-    for index, (ref, oth) in enumerate(zip(reference_blocks, other_blocks, strict=True)):
-        where = block_name(reference, index)
-        if len(ref.samples) != len(oth.samples):
-            raise term.error(
-                f"{where}: the {second} has {len(oth.samples)} samples, the {first} "
-                f"{len(ref.samples)}"
-            )
-        if len(ref.components) != len(oth.components) or any(
-            a != b for a, b in zip(ref.components, oth.components, strict=True)
-        ):
-            raise term.error(
-                f"{where}: {second} components {[_labels_text(c) for c in oth.components]} "
-                f"differ from the {first} components "
-                f"{[_labels_text(c) for c in ref.components]}"
-            )
-        if properties and ref.properties != oth.properties:
-            raise term.error(
-                f"{where}: {second} properties {_labels_text(oth.properties)} differ "
-                f"from the {first} properties {_labels_text(ref.properties)}"
-            )
-        if properties and ref.values.shape != oth.values.shape:
-            raise term.error(
-                f"{where}: {second} values have shape {tuple(oth.values.shape)}, the "
-                f"{first} values {tuple(ref.values.shape)}"
-            )
 
 
 def create_loss(

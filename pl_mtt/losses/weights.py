@@ -38,17 +38,15 @@ steps with the same error.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 import torch
 from metatensor.torch import TensorBlock, TensorMap
 
+from pl_mtt.losses.layout_checks import CheckedTerm, check_same_layout
 from pl_mtt.tensormaps.batch_atoms import BatchAtoms, TypeTable
 
-if TYPE_CHECKING:  # the term classes import this module
-    from pl_mtt.losses.base import LossTerm
-
 __all__ = ["PER_ATOM", "PER_ENTRY", "PER_STRUCTURE", "EntryWeights"]
+
 
 PER_STRUCTURE = "per structure"
 PER_ATOM = "per atom"
@@ -102,7 +100,7 @@ class EntryWeights:
     # -- per block of a term -------------------------------------------------------
     def block_weights(
         self,
-        term: LossTerm,
+        term: CheckedTerm,
         target: TensorMap,
         values: list[torch.Tensor],
         extra_data: Mapping[str, TensorMap] | None,
@@ -151,7 +149,7 @@ class EntryWeights:
 
     def structure_weights(
         self,
-        term: LossTerm,
+        term: CheckedTerm,
         target: TensorMap,
         extra_data: Mapping[str, TensorMap] | None,
     ) -> torch.Tensor:
@@ -174,7 +172,9 @@ class EntryWeights:
         return rows.to(target_block.values.dtype)
 
     # -- helpers -------------------------------------------------------------------
-    def _weight_map(self, term: LossTerm, extra_data: Mapping[str, TensorMap] | None) -> TensorMap:
+    def _weight_map(
+        self, term: CheckedTerm, extra_data: Mapping[str, TensorMap] | None
+    ) -> TensorMap:
         if extra_data is None or self.sample_key not in extra_data:
             available = sorted(extra_data) if extra_data else []
             raise term.error(
@@ -187,7 +187,7 @@ class EntryWeights:
 
     def _kind(
         self,
-        term: LossTerm,
+        term: CheckedTerm,
         target: TensorMap,
         blocks: list[TensorBlock],
         values: list[torch.Tensor],
@@ -232,7 +232,7 @@ class EntryWeights:
 
     def _row_atoms(
         self,
-        term: LossTerm,
+        term: CheckedTerm,
         atoms: BatchAtoms,
         block: TensorBlock,
         what: str = "per-atom sample_weights",
@@ -254,7 +254,7 @@ class EntryWeights:
             found = self._per_type[(dtype, device)] = torch.tensor(values, dtype=dtype).to(device)
         return found
 
-    def _check_values(self, term: LossTerm, values: torch.Tensor) -> None:
+    def _check_values(self, term: CheckedTerm, values: torch.Tensor) -> None:
         """Weights must be finite and >= 0 (see the module docstring for when the check
         reads the values)."""
         if values.numel() == 0:
@@ -270,7 +270,7 @@ class EntryWeights:
         if len(self._pending) >= self.CHECK_EVERY:
             self.check_pending(term)
 
-    def check_pending(self, term: LossTerm | None = None) -> None:
+    def check_pending(self, term: CheckedTerm | None = None) -> None:
         """Read the invalid-weight flags kept on the device (one host read) and raise
         if any was set."""
         if not self._pending:
@@ -289,7 +289,7 @@ class EntryWeights:
                 f"in {calls}; weights must be finite and >= 0"
             )
 
-    def _invalid(self, term: LossTerm, low: float, high: float) -> ValueError:
+    def _invalid(self, term: CheckedTerm, low: float, high: float) -> ValueError:
         return term.error(
             f"{self.what} has negative, NaN or infinite values (smallest {low!r}, largest "
             f"{high!r}); weights must be finite and >= 0"
@@ -319,15 +319,13 @@ def _describe(tensor_map: TensorMap) -> str:
 
 
 def _check_entry_layout(
-    term: LossTerm,
+    term: CheckedTerm,
     target: TensorMap,
     blocks: list[TensorBlock],
     weight_map: TensorMap,
     weight_blocks: list[TensorBlock],
     what: str,
 ) -> None:
-    from pl_mtt.losses.base import check_same_layout  # base imports this module
-
     # property names are not compared: weights read from a file name them otherwise
     check_same_layout(
         term, target, blocks, weight_map, weight_blocks, ("target", what), properties=False
@@ -340,7 +338,7 @@ def _check_entry_layout(
             )
 
 
-def _batch_atoms(term: LossTerm, systems: list | None, what: str) -> BatchAtoms:
+def _batch_atoms(term: CheckedTerm, systems: list | None, what: str) -> BatchAtoms:
     if systems is None:
         raise term.error(
             f"{what} need the atomic types of the batch: call the loss with the systems, "
@@ -360,7 +358,9 @@ def _flat_atoms(atoms: BatchAtoms, samples) -> torch.Tensor:
     return atoms.first_atom.index_select(0, system) + samples.column("atom")
 
 
-def _row_systems(term: LossTerm, target: TensorMap, index: int, block: TensorBlock) -> torch.Tensor:
+def _row_systems(
+    term: CheckedTerm, target: TensorMap, index: int, block: TensorBlock
+) -> torch.Tensor:
     """The ``system`` of each row of a value block or gradient block of ``target``."""
     samples = block.samples
     names = samples.names
