@@ -166,18 +166,24 @@ def gradients_of(model: torch.nn.Module) -> list[torch.Tensor]:
     ]
 
 
-def single_process_reference(loss):
-    model = Model().double()
-    module = LossModule(loss, TARGETS)
+def run_steps(model: torch.nn.Module, module: LossModule, rank: int | None):
+    """Every step on ``rank``'s batches (all of them when None): the parameter gradients
+    of each step (of the wrapped model under DDP)."""
+    parameters = getattr(model, "module", model)
     gradients = []
     for step in range(len(STEPS)):
         model.zero_grad()
-        features, system, n_systems, atoms, targets, dipole, extra = batch_for(step, None)
+        features, system, n_systems, atoms, targets, dipole, extra = batch_for(step, rank)
         outputs = model(features, system, n_systems, bool(dipole))
         predictions = predictions_from(outputs, targets, atoms, dipole)
         module(predictions, targets, *extra).backward()
-        gradients.append(gradients_of(model))
-    return gradients, module.compute()
+        gradients.append(gradients_of(parameters))
+    return gradients
+
+
+def single_process_reference(loss):
+    module = LossModule(loss, TARGETS)
+    return run_steps(Model().double(), module, None), module.compute()
 
 
 def worker(rank: int, world_size: int, port: int, queue) -> None:
@@ -191,14 +197,7 @@ def worker(rank: int, world_size: int, port: int, queue) -> None:
                 Model().double(), find_unused_parameters=True
             )
             module = LossModule(loss, TARGETS, global_mean=True)
-            gradients = []
-            for step in range(len(STEPS)):
-                model.zero_grad()
-                features, system, n_systems, atoms, targets, dipole, extra = batch_for(step, rank)
-                outputs = model(features, system, n_systems, bool(dipole))
-                predictions = predictions_from(outputs, targets, atoms, dipole)
-                module(predictions, targets, *extra).backward()
-                gradients.append(gradients_of(model.module))
+            gradients = run_steps(model, module, rank)
             epoch = module.compute()
             batches = module.aggregate.batches.clone()
             # plain Python values: tensors sent through a queue outlive their process badly
