@@ -107,6 +107,36 @@ def test_options_file_end_to_end(workdir, run_python):
     assert float(error.max()) < 5.0  # eV: physical units, baseline included
 
 
+def test_options_file_takes_weights_and_a_schedule(workdir, run_python, tmp_path):
+    """An options file whose extra_data reads config_weight from the extxyz info, with
+    pl_mtt's sample_weights and loss_schedule given on the command line (metatrain's
+    schema has neither): both reach the resolved configuration (dry run)."""
+    frames = ase.io.read(workdir / "emt.xyz", index=":")
+    for index, atoms in enumerate(frames):
+        atoms.info["config_weight"] = 0.5 + index % 3
+    ase.io.write(tmp_path / "emt.xyz", frames, format="extxyz")
+    options = yaml.safe_load((workdir / "options.yaml").read_text())
+    options["training_set"]["extra_data"] = {"config_weight": {"key": "config_weight"}}
+    (tmp_path / "options.yaml").write_text(yaml.safe_dump(options))
+    result = run_python(
+        [
+            "-m",
+            "pl_mtt.train",
+            "options=options.yaml",
+            "+loss.energy.sample_weights=config_weight",
+            "+loss.energy.forces.type_weights={Cu: 2.0}",
+            "loss_schedule=[{epoch: 2, loss: {energy: {weight: 10.0}}}]",
+            "dry_run=true",
+        ],
+        cwd=tmp_path,
+        env={"OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "energy (mse, weights config_weight)" in result.stdout
+    assert "energy/forces (mse, weights type weights {29: 2.0})" in result.stdout
+    assert "\nloss_schedule: [{epoch: 2, loss: {energy: {weight: 10.0}}}]\n" in result.stdout
+
+
 def test_options_file_ddp_two_processes(workdir, run_python):
     """trainer.devices=2 trainer.strategy=ddp on CPU (gloo): the logged validation metrics
     equal a single-process validation of the saved checkpoint."""
