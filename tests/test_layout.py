@@ -110,6 +110,23 @@ def test_registry_imports_nothing_of_the_package():
     assert graph["pl_mtt.config"] == {"pl_mtt.registry"}
 
 
+def test_the_package_imports_nothing_of_metatrain():
+    """metatrain is an optional extra: every module of the package imports without it
+    being loaded (the adapter and the options reader load it when asked for)."""
+    modules = sorted(module_name(path) for path in PACKAGE.rglob("*.py"))
+    code = (
+        "import importlib, sys\n"
+        f"for name in {modules!r}:\n"
+        "    importlib.import_module(name)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'metatrain'))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_layers_run_one_way():
     """Lower layers import nothing from the layers above them."""
     graph = import_graph()
