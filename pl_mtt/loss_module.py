@@ -184,11 +184,7 @@ def _single_sum_and_count(
     extra_data: TensorMaps | None,
     cache: ValueCache,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    term = terms[0]
-    if term.weighting is None:
-        total, count = term.sum_and_count(predictions, targets, extra_data)
-    else:
-        total, count = term.sum_and_count(predictions, targets, extra_data, cache.systems)
+    total, count = terms[0].call_sum_and_count(predictions, targets, extra_data, cache.systems)
     return total.reshape(1), count.reshape(1)
 
 
