@@ -116,8 +116,7 @@ class LossAggregate(Metric):
         self.flush()
         sums, counts, batches = self.totals.unbind()
         # counts of weighted terms are sums of weights: used as they are when positive
-        denominators = torch.where(self.is_sum, batches, counts)
-        return sums / torch.where(denominators > 0, denominators, 1.0)
+        return sums / positive_count(torch.where(self.is_sum, batches, counts))
 
     def sync(self, *args, **kwargs) -> None:
         self.flush()  # every rank adds its own queue before the states are reduced
