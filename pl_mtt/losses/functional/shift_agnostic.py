@@ -31,12 +31,10 @@ or shifts, no host-device synchronisation.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from pl_mtt.losses.functional.dos import TIE_ULPS, _fft_size
+from pl_mtt.losses.functional.dos import _fft_size, first_minimum, window_criterion
 
 __all__ = ["SPACING", "shift_agnostic_alignment", "shift_agnostic_mse_loss"]
 
@@ -82,19 +80,12 @@ def _search(padded: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> 
         return torch.zeros(0, dtype=torch.long, device=padded.device)
     p = padded.detach().to(torch.float64)
     m = mask.to(torch.float64)
-    mt = m * targets.to(torch.float64)
     size = _fft_size(length)
-    spectra = torch.fft.rfft(torch.stack([p * p, p]), n=size)
-    kernels = torch.fft.rfft(torch.stack([m, -2.0 * mt]), n=size).conj()
-    window = torch.fft.irfft((spectra * kernels).sum(0), n=size)[:, :shifts]
+    window, scale = window_criterion(p, m, m * targets.to(torch.float64), shifts, size)
     front = torch.cumsum(p * p, dim=1)[:, : shifts - 1]
     criterion = window + F.pad(front, (1, 0))
-    scale = torch.linalg.vector_norm(p * p, dim=1) * torch.linalg.vector_norm(m, dim=1)
-    scale = scale + 2.0 * torch.linalg.vector_norm(p, dim=1) * torch.linalg.vector_norm(mt, dim=1)
     scale = scale + front[:, -1:].squeeze(1) if shifts > 1 else scale
-    tolerance = (TIE_ULPS * math.log2(size) * torch.finfo(torch.float64).eps) * scale
-    best = criterion.min(dim=1, keepdim=True).values
-    return (criterion <= best + tolerance[:, None]).to(torch.uint8).argmax(dim=1)
+    return first_minimum(criterion, scale, size)
 
 
 def _split(targets: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
