@@ -65,11 +65,6 @@ def _check(predictions: torch.Tensor, targets: torch.Tensor) -> None:
         )
 
 
-def _padded(predictions: torch.Tensor) -> torch.Tensor:
-    width = predictions.shape[1]
-    return F.pad(predictions, (width, width))
-
-
 @torch.no_grad()
 def _search(padded: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """First shift minimising the criterion (float64 FFT correlations)."""
@@ -94,17 +89,26 @@ def _split(targets: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, tor
     return torch.where(is_nan, torch.zeros_like(targets), targets), (~is_nan).to(dtype)
 
 
+def _aligned(
+    predictions: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The padded predictions ``(B, 3 L)``, the targets with NaN as 0 and their mask
+    ``(B, n)``, the chosen shifts ``(B,)`` and the aligned windows ``(B, n)``."""
+    _check(predictions, targets)
+    width = predictions.shape[1]
+    padded = F.pad(predictions, (width, width))
+    clean, mask = _split(targets, predictions.dtype)
+    shifts = _search(padded, clean, mask)
+    index = shifts[:, None] + torch.arange(targets.shape[1], device=predictions.device)
+    return padded, clean, mask, shifts, padded.gather(1, index)
+
+
 def shift_agnostic_alignment(
     predictions: torch.Tensor, targets: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(shifts, aligned)``: the chosen shift per structure ``(B,)`` (into the padded
     prediction) and the aligned ``n``-point window ``(B, n)`` of the padded prediction."""
-    _check(predictions, targets)
-    padded = _padded(predictions)
-    clean, mask = _split(targets, predictions.dtype)
-    shifts = _search(padded, clean, mask)
-    index = shifts[:, None] + torch.arange(targets.shape[1], device=predictions.device)
-    return shifts, padded.gather(1, index)
+    return _aligned(predictions, targets)[3:]
 
 
 def shift_agnostic_mse_loss(
@@ -126,14 +130,9 @@ def shift_agnostic_mse_loss(
     >>> shifts.tolist(), float(loss.abs().max())
     ([45, 45, 45], 0.0)
     """
-    _check(predictions, targets)
     dtype, device = predictions.dtype, predictions.device
-    padded = _padded(predictions)
-    clean, mask = _split(targets, dtype)
+    padded, clean, mask, shifts, aligned = _aligned(predictions, targets)
     n, length = clean.shape[1], padded.shape[1]
-    shifts = _search(padded, clean, mask)
-    index = shifts[:, None] + torch.arange(n, device=device)
-    aligned = padded.gather(1, index)
     difference = aligned - clean
     front = F.pad(torch.cumsum(padded.square(), dim=1), (1, 0)).gather(1, shifts[:, None])
     loss = (difference.square() * mask).sum(dim=1) + front.squeeze(1)
