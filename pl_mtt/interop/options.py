@@ -331,7 +331,7 @@ def _check_file(file: str, path: str) -> None:
         raise ValueError(f"{path}: file '{file}' does not exist")
 
 
-def _target(name: str, target: Any, file: str, path: str) -> dict[str, Any]:
+def _target(target: Any, file: str, path: str) -> dict[str, Any]:
     """One target of a dataset mapping in pl_mtt's data options."""
     if isinstance(target, str):
         target = {"read_from": target}
@@ -387,7 +387,7 @@ def _dataset(dataset: Any, path: str) -> dict[str, Any]:
     file = systems["read_from"]
     _check_file(file, f"{path}.systems.read_from")
     targets = {
-        name: _target(name, target, file, f"{path}.targets.{name}")
+        name: _target(target, file, f"{path}.targets.{name}")
         for name, target in dataset["targets"].items()
     }
     extra_data = {}

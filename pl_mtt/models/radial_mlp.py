@@ -335,7 +335,7 @@ class RadialMLP(torch.nn.Module):
         members, n_properties = values.shape[1], values.shape[2]
         device = values.device
         if selected_atoms is not None:
-            keep = _selection_mask(selected_atoms, atom_system, atom_index, len(systems))
+            keep = _selection_mask(selected_atoms, atom_system, len(systems))
             values = values[keep]
             atom_system, atom_index = atom_system[keep], atom_index[keep]
         for name, request in outputs.items():
@@ -378,7 +378,7 @@ def _member_labels(name: str, members: int, n_properties: int, device: torch.dev
 
 
 def _selection_mask(
-    selected_atoms: Labels, atom_system: torch.Tensor, atom_index: torch.Tensor, n_systems: int
+    selected_atoms: Labels, atom_system: torch.Tensor, n_systems: int
 ) -> torch.Tensor:
     """``(N,)`` bool: whether each atom of the batch is in ``selected_atoms``. TorchScript."""
     n_atoms = atom_system.shape[0]
