@@ -288,7 +288,6 @@ def _table(rows: torch.Tensor | None, types: Sequence[int], width: int, fill: fl
 
 def _raw_output(
     name: str,
-    target: str,
     model: torch.nn.Module,
     probe: list,
     types: Sequence[int],
@@ -441,7 +440,6 @@ def atomistic_model(
         )
         item, per_atom = _raw_output(
             name,
-            target,
             model,
             probe,
             types,

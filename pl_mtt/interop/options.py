@@ -250,46 +250,37 @@ def _optimizer(training: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _scaler(training: Mapping[str, Any], targets: list[str]) -> dict[str, Any]:
-    fixed = training.get("fixed_scaling_weights") or {}
-    if isinstance(fixed, str):
-        raise ValueError(
-            "architecture.training.fixed_scaling_weights: a checkpoint path is not supported; "
-            "give the scales as numbers (target -> number or {atomic type: number})"
-        )
-    fixed = dict(fixed)
+    fixed = _per_target_numbers(training, "fixed_scaling_weights", "the scales", targets)
     if not training.get("scale_targets", True):
         fixed = {**dict.fromkeys(targets, 1.0), **fixed}
-    unknown = sorted(set(fixed) - set(targets))
-    if unknown:
-        raise ValueError(
-            f"architecture.training.fixed_scaling_weights: {unknown} are not training targets "
-            f"({targets})"
-        )
     per_structure = list(training.get("per_structure_targets") or [])
+    baseline = _per_target_numbers(training, "atomic_baseline", "the baseline", targets)
     return {
         "scale_targets": True,
         "composition": True,
         "fixed_scales": fixed,
-        "fixed_baseline": _fixed_baseline(training, targets),
+        "fixed_baseline": baseline or None,
         "per_structure_targets": per_structure,
     }
 
 
-def _fixed_baseline(training: Mapping[str, Any], targets: list[str]) -> dict[str, Any] | None:
-    """metatrain's ``atomic_baseline`` (target -> a number for every type, or
-    ``{atomic type: number}``) as ``scaler.fixed_baseline``."""
-    baseline = training.get("atomic_baseline") or {}
-    if isinstance(baseline, str):
+def _per_target_numbers(
+    training: Mapping[str, Any], key: str, what: str, targets: list[str]
+) -> dict[str, Any]:
+    """metatrain's ``fixed_scaling_weights`` or ``atomic_baseline``: target -> a number
+    for every type, or ``{atomic type: number}`` (``{}`` when not given)."""
+    values = training.get(key) or {}
+    if isinstance(values, str):
         raise ValueError(
-            "architecture.training.atomic_baseline: a checkpoint path is not supported; "
-            "give the baseline as numbers (target -> number or {atomic type: number})"
+            f"architecture.training.{key}: a checkpoint path is not supported; "
+            f"give {what} as numbers (target -> number or {{atomic type: number}})"
         )
-    unknown = sorted(set(baseline) - set(targets))
+    unknown = sorted(set(values) - set(targets))
     if unknown:
         raise ValueError(
-            f"architecture.training.atomic_baseline: {unknown} are not training targets ({targets})"
+            f"architecture.training.{key}: {unknown} are not training targets ({targets})"
         )
-    return dict(baseline) or None
+    return dict(values)
 
 
 # -- datasets ------------------------------------------------------------------------
@@ -331,7 +322,7 @@ def _check_file(file: str, path: str) -> None:
         raise ValueError(f"{path}: file '{file}' does not exist")
 
 
-def _target(name: str, target: Any, file: str, path: str) -> dict[str, Any]:
+def _target(target: Any, file: str, path: str) -> dict[str, Any]:
     """One target of a dataset mapping in pl_mtt's data options."""
     if isinstance(target, str):
         target = {"read_from": target}
@@ -387,7 +378,7 @@ def _dataset(dataset: Any, path: str) -> dict[str, Any]:
     file = systems["read_from"]
     _check_file(file, f"{path}.systems.read_from")
     targets = {
-        name: _target(name, target, file, f"{path}.targets.{name}")
+        name: _target(target, file, f"{path}.targets.{name}")
         for name, target in dataset["targets"].items()
     }
     extra_data = {}

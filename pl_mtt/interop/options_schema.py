@@ -35,7 +35,6 @@ from typing import Annotated, Any, Literal, TypedDict
 from pl_mtt.typecheck import Bound, check_required, check_value
 
 __all__ = [
-    "BASE_DEFAULTS",
     "BASE_TYPES",
     "ArchitectureOptions",
     "DatasetOptions",
@@ -113,13 +112,6 @@ BASE_TYPES: dict[str, Any] = {
     "wandb": dict,
 }
 """Top-level keys and their types."""
-
-BASE_DEFAULTS: dict[str, Any] = {
-    "test_set": 0.0,
-    "print_stats": "auto",
-    "final_eval": True,
-}
-"""metatrain's defaults of optional top-level keys that have a fixed default."""
 
 REQUIRED = ("architecture", "training_set", "validation_set")
 DEVICES = ("cpu", "cuda", "gpu", "mps", "multi-gpu")

@@ -26,6 +26,8 @@ import torch
 from metatensor.torch import Labels, TensorBlock, TensorMap
 from metatomic.torch import ModelOutput, System
 
+from pl_mtt.tensormaps.builders import range_labels
+
 __all__ = ["N_ATOMIC_NUMBERS", "PhysicalOutputs", "RawOutput"]
 
 N_ATOMIC_NUMBERS = 119  # rows of the tables: atomic numbers 0..118
@@ -173,13 +175,11 @@ class PhysicalOutputs(torch.nn.Module):
                 block = _sum_per_system(block, len(systems))
             kind = self.kind[name]
             if kind == "ensemble" and name in self.standard_ensembles:
-                members = self.members[name]
-                labels = torch.arange(members, dtype=torch.int32, device=device).reshape(-1, 1)
-                block = TensorBlock(block.values, block.samples, [], Labels(["energy"], labels))
+                labels = range_labels("energy", self.members[name], device)
+                block = TensorBlock(block.values, block.samples, [], labels)
             elif kind == "uncertainty":
                 block = _member_spread(block, self.members[name])
-            keys = Labels(["_"], torch.zeros((1, 1), dtype=torch.int32, device=device))
-            result[name] = TensorMap(keys, [block])
+            result[name] = TensorMap(range_labels("_", 1, device), [block])
         return result
 
     def _physical(
@@ -222,8 +222,8 @@ def _sum_per_system(block: TensorBlock, n_systems: int) -> TensorBlock:
     summed = torch.zeros(
         (n_systems, values.shape[1]), dtype=values.dtype, device=values.device
     ).index_add(0, system, values)
-    labels = torch.arange(n_systems, dtype=torch.int32, device=values.device).reshape(-1, 1)
-    return TensorBlock(summed, Labels(["system"], labels), [], block.properties)
+    samples = range_labels("system", n_systems, values.device)
+    return TensorBlock(summed, samples, [], block.properties)
 
 
 def _member_spread(block: TensorBlock, members: int) -> TensorBlock:

@@ -32,6 +32,8 @@ __all__ = [
     "compiled_neighbor_pairs",
     "geometry_from_pairs",
     "neighbor_pairs",
+    "pair_vectors",
+    "strained",
     "system_of_atoms",
 ]
 
@@ -175,13 +177,8 @@ def geometry_from_pairs(
         strain = torch.zeros(
             (len(systems), 3, 3), dtype=positions.dtype, device=positions.device, requires_grad=True
         )
-        displaced = positions + torch.einsum("na,nab->nb", positions, strain[atom_system])
-        strained_cells = cells + torch.einsum("sac,scb->sab", cells, strain)
-    vectors = (
-        displaced[neighbors]
-        - displaced[centers]
-        + torch.einsum("pa,pab->pb", shifts.to(positions.dtype), strained_cells[pair_system])
-    )
+        displaced, strained_cells = strained(positions, cells, strain, atom_system)
+    vectors = pair_vectors(displaced, strained_cells, centers, neighbors, shifts, pair_system)
     return BatchGeometry(
         types=torch.cat([system.types for system in systems]),
         positions=positions,
@@ -192,4 +189,32 @@ def geometry_from_pairs(
         neighbors=neighbors,
         vectors=vectors,
         n_systems=len(systems),
+    )
+
+
+def strained(
+    positions: torch.Tensor, cells: torch.Tensor, strain: torch.Tensor, atom_system: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions ``(N, 3)`` and cells ``(B, 3, 3)`` under the strain ``(B, 3, 3)`` of
+    each atom's system: ``x' = x (1 + ε)``, ``h' = h (1 + ε)``."""
+    return (
+        positions + torch.einsum("na,nab->nb", positions, strain[atom_system]),
+        cells + torch.einsum("sac,scb->sab", cells, strain),
+    )
+
+
+def pair_vectors(
+    positions: torch.Tensor,
+    cells: torch.Tensor,
+    centers: torch.Tensor,
+    neighbors: torch.Tensor,
+    shifts: torch.Tensor,
+    pair_system: torch.Tensor,
+) -> torch.Tensor:
+    """``(P, 3)`` pair vectors ``x_j - x_i + S_ij · h`` from positions, cells and the
+    pairs' integer cell shifts (as :func:`neighbor_pairs` returns them)."""
+    return (
+        positions[neighbors]
+        - positions[centers]
+        + torch.einsum("pa,pab->pb", shifts.to(positions.dtype), cells[pair_system])
     )

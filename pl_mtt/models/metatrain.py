@@ -40,7 +40,12 @@ from metatensor.torch import Labels, TensorBlock, TensorMap
 from metatomic.torch import ModelOutput, NeighborListOptions, System
 
 from pl_mtt.config import is_energy_like, to_plain
-from pl_mtt.models.geometry import compiled_neighbor_pairs, system_of_atoms
+from pl_mtt.models.geometry import (
+    compiled_neighbor_pairs,
+    pair_vectors,
+    strained,
+    system_of_atoms,
+)
 from pl_mtt.tensormaps.builders import atomistic_tensor_map, range_labels
 from pl_mtt.tensormaps.neighbors import attach_neighbor_lists, requested_neighbor_lists
 from pl_mtt.typecheck import check_value
@@ -396,20 +401,19 @@ class _StrainedBatch:
         self.strain = torch.zeros(
             (len(systems), 3, 3), dtype=dtype, device=positions.device, requires_grad=stress
         )
-        displaced, strained = self.positions, cells
+        displaced, strained_cells = self.positions, cells
         if stress:
-            displaced = displaced + torch.einsum(
-                "na,nab->nb", displaced, self.strain[self.atom_system]
+            displaced, strained_cells = strained(
+                self.positions, cells, self.strain, self.atom_system
             )
-            strained = cells + torch.einsum("sac,scb->sab", cells, self.strain)
         per_system = displaced.split([len(system) for system in systems])
         self.systems = [
             System(types=s.types, positions=p, cell=c, pbc=s.pbc)
-            for s, p, c in zip(systems, per_system, strained, strict=True)
+            for s, p, c in zip(systems, per_system, strained_cells, strict=True)
         ]
         attach_neighbor_lists(systems, requests)  # only those missing (the data layer's)
         for options in requests:
-            blocks = _rebuilt_vectors(systems, options, displaced, strained)
+            blocks = _rebuilt_vectors(systems, options, displaced, strained_cells)
             for system, block in zip(self.systems, blocks, strict=True):
                 system.add_neighbor_list(options, block)
 
@@ -430,11 +434,7 @@ def _rebuilt_vectors(
     (strained) positions and cells, in one batched computation (the pairs gathered by
     one TorchScript call); one block per system with the list's metadata."""
     centers, neighbors, shifts, pair_system, _ = compiled_neighbor_pairs(systems, options)
-    vectors = (
-        positions[neighbors]
-        - positions[centers]
-        + torch.einsum("pa,pab->pb", shifts.to(positions.dtype), cells[pair_system])
-    )
+    vectors = pair_vectors(positions, cells, centers, neighbors, shifts, pair_system)
     lists = [system.get_neighbor_list(options) for system in systems]
     sizes = [len(block.samples) for block in lists]
     return [

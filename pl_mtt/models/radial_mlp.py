@@ -335,7 +335,7 @@ class RadialMLP(torch.nn.Module):
         members, n_properties = values.shape[1], values.shape[2]
         device = values.device
         if selected_atoms is not None:
-            keep = _selection_mask(selected_atoms, atom_system, atom_index, len(systems))
+            keep = _selection_mask(selected_atoms, atom_system, len(systems))
             values = values[keep]
             atom_system, atom_index = atom_system[keep], atom_index[keep]
         for name, request in outputs.items():
@@ -344,10 +344,10 @@ class RadialMLP(torch.nn.Module):
                 continue
             if is_ensemble:
                 flat = values.reshape(values.shape[0], members * n_properties)
-                properties = _member_labels(self.property_name, members, n_properties, device)
+                properties = ensemble_properties(self.property_name, members, n_properties, device)
             else:
                 flat = values.mean(dim=1)
-                properties = _range_labels(self.property_name, n_properties, device)
+                properties = range_labels(self.property_name, n_properties, device)
             if self.per_atom or request.sample_kind == "atom":
                 samples = Labels(
                     ["system", "atom"],
@@ -357,28 +357,14 @@ class RadialMLP(torch.nn.Module):
                 flat = torch.zeros(
                     (len(systems), flat.shape[1]), dtype=flat.dtype, device=device
                 ).index_add(0, atom_system, flat)
-                samples = _range_labels("system", len(systems), device)
+                samples = range_labels("system", len(systems), device)
             block = TensorBlock(flat, samples, [], properties)
-            result[name] = TensorMap(_range_labels("_", 1, device), [block])
+            result[name] = TensorMap(range_labels("_", 1, device), [block])
         return result
 
 
-def _range_labels(name: str, n: int, device: torch.device) -> Labels:
-    """``Labels([name], 0..n-1)``. TorchScript."""
-    values = torch.arange(n, dtype=torch.int32, device=device).reshape(-1, 1)
-    return Labels([name], values)
-
-
-def _member_labels(name: str, members: int, n_properties: int, device: torch.device) -> Labels:
-    """``Labels(["member", name])``, member-major. TorchScript."""
-    member = torch.arange(members, dtype=torch.int32, device=device)
-    index = torch.arange(n_properties, dtype=torch.int32, device=device)
-    grid = torch.stack([member.repeat_interleave(n_properties), index.repeat(members)], dim=1)
-    return Labels(["member", name], grid)
-
-
 def _selection_mask(
-    selected_atoms: Labels, atom_system: torch.Tensor, atom_index: torch.Tensor, n_systems: int
+    selected_atoms: Labels, atom_system: torch.Tensor, n_systems: int
 ) -> torch.Tensor:
     """``(N,)`` bool: whether each atom of the batch is in ``selected_atoms``. TorchScript."""
     n_atoms = atom_system.shape[0]

@@ -24,11 +24,7 @@ from pl_mtt.tensormaps.builders import (
     value_blocks,
     zero_sample_layout,
 )
-from pl_mtt.tensormaps.neighbors import (
-    attach_neighbor_lists,
-    has_neighbor_lists,
-    requested_neighbor_lists,
-)
+from pl_mtt.tensormaps.neighbors import attach_neighbor_lists, requested_neighbor_lists
 
 __all__ = [
     "ATOM_PAIR",
@@ -42,7 +38,6 @@ __all__ = [
     "ensemble_output_name",
     "flat_values",
     "grouped_sums",
-    "has_neighbor_lists",
     "layout_signature",
     "lazy_script",
     "range_labels",

@@ -97,8 +97,8 @@ def layout_signature(tensor_map: TensorMap, gradient: str | None = None) -> Hash
     return (tuple(tensor_map.keys.names), len(tensor_map), gradient, device_dtype, tuple(blocks))
 
 
-def range_labels(name: str, n: int, device: torch.device | str = "cpu") -> Labels:
-    """``Labels([name], 0..n-1)``."""
+def range_labels(name: str, n: int, device: torch.device | None = None) -> Labels:
+    """``Labels([name], 0..n-1)`` (on the CPU without ``device``). TorchScript."""
     values = torch.arange(n, dtype=torch.int32, device=device).reshape(-1, 1)
     return Labels([name], values, assume_unique=True)
 

@@ -21,14 +21,14 @@ CPU; positions are in Å, as everywhere in the data layer.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
 from metatensor.torch import TensorBlock
 from metatomic.torch import NeighborListOptions, System
 from vesin.metatomic import NeighborList
 
-__all__ = ["attach_neighbor_lists", "has_neighbor_lists", "requested_neighbor_lists"]
+__all__ = ["attach_neighbor_lists", "requested_neighbor_lists"]
 
 LENGTH_UNIT = "angstrom"
 
@@ -48,12 +48,6 @@ def requested_neighbor_lists(module: torch.nn.Module) -> list[NeighborListOption
             if not any(options == known for known in found):
                 found.append(options)
     return found
-
-
-def has_neighbor_lists(system: System, options: Iterable[NeighborListOptions]) -> bool:
-    """Whether ``system`` carries every list of ``options``."""
-    known = system.known_neighbor_lists()
-    return all(any(wanted == have for have in known) for wanted in options)
 
 
 def attach_neighbor_lists(
