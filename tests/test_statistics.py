@@ -335,7 +335,10 @@ def test_train_without_a_fit_from_a_saved_file(tmp_path, capsys):
             Task(), datamodule=TypedDataModule(structures, [1, 6, 8, 9])
         )
     more = {"energy": {"quantity": "energy"}, "mtt::charge": {}, "mtt::multi": {}, "mtt::dos": {}}
-    with pytest.raises(ValueError, match=r"missing: \['mtt::dos'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"statistics file '.*statistics.yaml' has targets .*missing: \['mtt::dos'\]",
+    ):
         _trainer(ScalerCallback(statistics=path)).fit(
             Task(loss_targets=more),
             datamodule=DataModule(structures, targets=(*TARGETS, "mtt::dos")),

@@ -17,7 +17,7 @@ then holds the same state, equal to a single-process fit over the union of the s
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +28,7 @@ from pl_mtt.scaling.composition import CompositionModel
 from pl_mtt.scaling.pipeline import divide_by_atoms
 from pl_mtt.scaling.scaler import Scaler
 
-__all__ = ["FitSummary", "fit_pass", "unpack_batch"]
+__all__ = ["FitSummary", "fit_pass", "unfitted_models", "unpack_batch"]
 
 Batch = tuple[list, dict[str, TensorMap], dict[str, TensorMap]]
 
@@ -61,6 +61,37 @@ class FitSummary:
     local_structures: int
     total_structures: int
     local_batches: int
+
+
+def unfitted_models(
+    atomic_types: Sequence[int] | None,
+    layouts: Mapping[str, TensorMap],
+    *,
+    per_structure_targets: Sequence[str] = (),
+    no_per_property_scales: Sequence[str] = (),
+    composition: bool = True,
+    no_composition: Sequence[str] = (),
+) -> tuple[Scaler, CompositionModel | None]:
+    """The unfitted :class:`Scaler` and :class:`CompositionModel` (None without
+    ``composition``) of the targets of ``layouts``, as :class:`pl_mtt.ScalerCallback`
+    builds them: targets with ``no_per_property_scales`` (DOS) and ``no_composition``
+    get no baseline."""
+    scaler = Scaler(
+        atomic_types,
+        layouts,
+        no_per_property_scales=list(no_per_property_scales),
+        per_structure_targets=list(per_structure_targets),
+    )
+    if not composition:
+        return scaler, None
+    exclude = sorted({*no_per_property_scales, *no_composition} & set(layouts))
+    baseline = CompositionModel(
+        atomic_types,
+        layouts,
+        exclude=exclude,
+        per_structure_targets=list(per_structure_targets),
+    )
+    return scaler, baseline
 
 
 def _identity(tensor: torch.Tensor) -> torch.Tensor:

@@ -208,7 +208,7 @@ def prepare_for_loss(
         targets,
         scaler,
         composition,
-        not_divided=not_divided_names(scaler),
+        not_divided=_not_divided(scaler, None),
         to_loss_units=functools.partial(_loss_units_entry, systems, scaler, composition),
         to_metric_units=functools.partial(_metric_units_entry, systems),
     )
@@ -216,12 +216,6 @@ def prepare_for_loss(
         LossUnits(batch, "predictions", list(predictions)),
         LossUnits(batch, "targets", list(targets)),
     )
-
-
-def not_divided_names(scaler: torch.nn.Module | None) -> frozenset[str]:
-    """Targets (and their ensemble outputs) the pipeline never divides by atoms: the
-    scaler's ``per_structure_targets``."""
-    return _not_divided(scaler, None)
 
 
 def _loss_units_entry(

@@ -175,10 +175,12 @@ def read_statistics(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
         ValueError: naming the file, for a missing or unreadable file or one that is
             not a pl_mtt statistics file.
     """
-    what = "statistics" if isinstance(source, Mapping) else f"statistics file '{source}'"
     if isinstance(source, Mapping):
+        # what an earlier read returned keeps naming its file
+        what = str(source.get("_source", "statistics"))
         data = dict(source)
     else:
+        what = f"statistics file '{source}'"
         if not Path(source).is_file():
             raise ValueError(f"{what} does not exist")
         try:

@@ -383,26 +383,34 @@ def loss_for_data(
     return loss, expand_loss_config(loss, targets), dropped
 
 
+def _loss_terms(
+    expanded: dict[str, dict], targets: dict[str, Any]
+) -> Iterator[tuple[str, str, dict]]:
+    """``(key path, term name, term)`` of every term of an expanded loss, e.g.
+    ``("loss.energy.forces", "energy/forces", {...})``; a gradient without a readable
+    name is ``loss.<target>.gradients.<gradient>``, ``<target>/<gradient>``."""
+    for name, entry in expanded.items():
+        yield f"loss.{name}", name, entry
+        for gradient, term in entry["gradients"].items():
+            alias = gradient_alias(name, targets.get(name), gradient)
+            key = alias if alias != gradient else f"gradients.{gradient}"
+            yield f"loss.{name}.{key}", f"{name}/{alias}", term
+
+
 def check_sample_weights(
     expanded: dict[str, dict], targets: dict[str, Any], extra_data_names: Sequence[str]
 ) -> None:
     """Every ``sample_weights`` of the loss names an entry of the data's ``extra_data``
     (checked once after reading the data, rather than at the first step)."""
-    for name, entry in expanded.items():
-        terms = [(f"loss.{name}", entry)]
-        for gradient, term in entry["gradients"].items():
-            alias = gradient_alias(name, targets.get(name), gradient)
-            key = alias if alias != gradient else f"gradients.{gradient}"
-            terms.append((f"loss.{name}.{key}", term))
-        for path, term in terms:
-            key = term.get("sample_weights")
-            if key is not None and key not in extra_data_names:
-                raise ValueError(
-                    f"{path}.sample_weights: '{key}' is not an entry of data.extra_data "
-                    f"(entries: {list(extra_data_names)}); read it with e.g. "
-                    f"data.extra_data.{key}={{key: {key}}} (an info or arrays key of the "
-                    f"structure file) or {{read_from: <file.mts>}}"
-                )
+    for path, _, term in _loss_terms(expanded, targets):
+        key = term.get("sample_weights")
+        if key is not None and key not in extra_data_names:
+            raise ValueError(
+                f"{path}.sample_weights: '{key}' is not an entry of data.extra_data "
+                f"(entries: {list(extra_data_names)}); read it with e.g. "
+                f"data.extra_data.{key}={{key: {key}}} (an info or arrays key of the "
+                f"structure file) or {{read_from: <file.mts>}}"
+            )
 
 
 def _term_text(term: dict) -> str:
@@ -417,12 +425,7 @@ def _term_text(term: dict) -> str:
 
 def loss_summary(expanded: dict[str, dict], targets: dict[str, Any], dropped: list[str]) -> str:
     """One line of loss terms, and the configured entries left out for missing data."""
-    terms = []
-    for name, entry in expanded.items():
-        terms.append(f"{name} ({_term_text(entry)})")
-        for gradient, term in entry["gradients"].items():
-            alias = gradient_alias(name, targets.get(name), gradient)
-            terms.append(f"{name}/{alias} ({_term_text(term)})")
+    terms = [f"{name} ({_term_text(term)})" for _, name, term in _loss_terms(expanded, targets)]
     lines = [f"loss terms: {', '.join(terms)}"]
     if dropped:
         lines.append(
@@ -444,8 +447,8 @@ def check_loss_config(cfg: DictConfig, explicit: Sequence[tuple[str, ...]] = ())
     :func:`assumed_targets`, before any data is read."""
     targets = assumed_targets(cfg)
     if targets:
-        loss, _ = restrict_loss_to_targets(cfg.loss, targets, keep=explicit)
-        LossSchedule(expand_loss_config(loss, targets), cfg.loss_schedule, targets)
+        _, expanded, _ = loss_for_data(cfg, targets, explicit)
+        LossSchedule(expanded, cfg.loss_schedule, targets)
 
 
 def train(cfg: DictConfig, explicit_loss: Sequence[tuple[str, ...]] = ()) -> dict[str, Any]:

@@ -44,9 +44,9 @@ from metatensor.torch import TensorMap
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
 from pl_mtt.config import to_plain
-from pl_mtt.loss_module import NO_PROPERTY_SCALES, LossModule
+from pl_mtt.loss_module import LossModule
 from pl_mtt.scaling.composition import CompositionModel
-from pl_mtt.scaling.fit import FitSummary, fit_pass
+from pl_mtt.scaling.fit import FitSummary, fit_pass, unfitted_models
 from pl_mtt.scaling.fit import unpack_batch as default_unpack_batch
 from pl_mtt.scaling.scaler import Scaler
 from pl_mtt.scaling.statistics import (
@@ -58,11 +58,9 @@ from pl_mtt.scaling.statistics import (
 )
 from pl_mtt.scaling.target_info import is_tensor_map
 from pl_mtt.tensormaps.builders import zero_sample_layout
+from pl_mtt.training.profiles import profile_targets
 
 __all__ = ["ScalerCallback"]
-
-# shift-aligned profile losses: one pooled scale, no per-property scales, no baseline
-DOS_LOSS_TYPES = NO_PROPERTY_SCALES
 
 
 class ScalerCallback(pl.Callback):
@@ -214,12 +212,11 @@ class ScalerCallback(pl.Callback):
     def _dos_targets(self, pl_module: pl.LightningModule) -> list[str]:
         if self.no_per_property_scales is not None:
             return self.no_per_property_scales
-        names = []
+        # shift-aligned profile losses: one pooled scale, no per-property scales, no baseline
+        names: dict[str, Any] = {}
         for module in self._loss_modules(pl_module):
-            for name, term in module.config.items():
-                if term.get("type") in DOS_LOSS_TYPES and name not in names:
-                    names.append(name)
-        return names
+            names.update(profile_targets(module.config))
+        return list(names)
 
     def _discover_layouts(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str | None
@@ -286,23 +283,14 @@ class ScalerCallback(pl.Callback):
         if stage == "predict":
             return
         layouts = self._discover_layouts(trainer, pl_module, stage)
-        dos = [n for n in self._dos_targets(pl_module) if n in layouts]
-        pl_module.scaler = Scaler(
+        pl_module.scaler, pl_module.composition = unfitted_models(
             self.atomic_types,
             layouts,
-            no_per_property_scales=dos,
             per_structure_targets=[n for n in self.per_structure_targets if n in layouts],
+            no_per_property_scales=[n for n in self._dos_targets(pl_module) if n in layouts],
+            composition=self.composition,
+            no_composition=self.no_composition,
         )
-        composition = None
-        if self.composition:
-            exclude = sorted({*dos, *self.no_composition} & set(layouts))
-            composition = CompositionModel(
-                self.atomic_types,
-                layouts,
-                exclude=exclude,
-                per_structure_targets=[n for n in self.per_structure_targets if n in layouts],
-            )
-        pl_module.composition = composition
         self._hand_over(pl_module)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

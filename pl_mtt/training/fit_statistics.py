@@ -25,9 +25,7 @@ import yaml
 from torch.utils.data import DataLoader
 
 from pl_mtt.data import collate, open_dataset
-from pl_mtt.scaling.composition import CompositionModel
-from pl_mtt.scaling.fit import fit_pass
-from pl_mtt.scaling.scaler import Scaler
+from pl_mtt.scaling.fit import fit_pass, unfitted_models
 from pl_mtt.scaling.statistics import write_statistics
 
 __all__ = ["fit_statistics", "main"]
@@ -56,19 +54,14 @@ def fit_statistics(
     """
     dataset = open_dataset(path, targets or {"energy": {}}, extra_data)
     layouts = dataset.layouts()
-    per_structure = [n for n in per_structure_targets if n in layouts]
-    scaler = Scaler(
+    scaler, baseline = unfitted_models(
         None,
         layouts,
-        no_per_property_scales=list(no_per_property_scales),
-        per_structure_targets=per_structure,
+        per_structure_targets=[n for n in per_structure_targets if n in layouts],
+        no_per_property_scales=no_per_property_scales,
+        composition=composition,
+        no_composition=no_composition,
     )
-    baseline = None
-    if composition:
-        exclude = sorted({*no_composition, *no_per_property_scales} & set(layouts))
-        baseline = CompositionModel(
-            None, layouts, exclude=exclude, per_structure_targets=per_structure
-        )
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=num_workers)
 
     def bar(batches):

@@ -159,7 +159,6 @@ class LossSchedule:
             self.starts.append(weights)
             self.configs.append(new)
             config, previous = new, stage
-            weights = self.starts[-1]
 
     @staticmethod
     def _check_dos(old: Mapping, new: Mapping, stage: LossStage) -> None:
