@@ -33,7 +33,7 @@ default filled in, or raises a ``ValueError`` naming the offending key path.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from pl_mtt.registry import (
@@ -50,6 +50,7 @@ __all__ = [
     "expand_loss_config",
     "gradient_alias",
     "is_energy_like",
+    "loss_terms",
     "requested_gradients",
     "restrict_loss_to_targets",
     "to_plain",
@@ -168,6 +169,19 @@ def gradient_alias(target_name: str, options: Mapping[str, Any] | None, gradient
         if gradient == "strain":
             return "virial" if _is_requested(options.get("virial", False)) else "stress"
     return gradient
+
+
+def loss_terms(
+    expanded: Mapping[str, Any], targets: Mapping[str, Any]
+) -> Iterator[tuple[str, str, str | None, dict]]:
+    """``(term name, target, gradient or None, term)`` of every term of an expanded loss
+    config, in order: each target, then its gradients, named ``energy``,
+    ``energy/forces``, ``mtt::x/positions`` (:func:`gradient_alias`)."""
+    for target, entry in expanded.items():
+        yield target, target, None, entry
+        for gradient, term in entry["gradients"].items():
+            alias = gradient_alias(target, targets.get(target), gradient)
+            yield f"{target}/{alias}", target, gradient, term
 
 
 def _loss_type(value: Any, path: str) -> LossType:
@@ -478,9 +492,7 @@ def merge_loss_config(
         return expanded
 
     def terms_of(name: str) -> str:
-        gradients = expanded[name]["gradients"]
-        names = [name, *(f"{name}/{gradient_alias(name, targets[name], g)}" for g in gradients)]
-        return ", ".join(names)
+        return ", ".join(n for n, target, _, _ in loss_terms(expanded, targets) if target == name)
 
     merged: dict[str, dict] = {}
     if isinstance(override, str):

@@ -26,7 +26,7 @@ import torch
 from metatensor.torch import TensorBlock, TensorMap
 from torchmetrics import Metric
 
-from pl_mtt.config import expand_loss_config, gradient_alias, to_plain
+from pl_mtt.config import expand_loss_config, loss_terms, to_plain
 from pl_mtt.losses.base import LossTerm, ValueCache, create_loss
 from pl_mtt.losses.functional.pointwise import positive_count, weighted_counts
 from pl_mtt.scaling.prepared import FusedResiduals, prepared_pair
@@ -267,22 +267,17 @@ class LossModule(torch.nn.Module):
         self.global_mean = bool(global_mean)
 
         names, terms = [], []
-        for target, entry in self.config.items():
-            specs = [(target, None, entry)]
-            for gradient, gradient_entry in entry["gradients"].items():
-                alias = gradient_alias(target, self.target_options.get(target), gradient)
-                specs.append((f"{target}/{alias}", gradient, gradient_entry))
-            for name, gradient, spec in specs:
-                if spec["reduction"] == "none":
-                    path = f"loss.{target}" + (f".gradients.{gradient}" if gradient else "")
-                    raise ValueError(
-                        f"{path}.reduction: 'none' gives one loss per structure, but a "
-                        f"LossModule needs scalar terms; use 'mean' or 'sum' (or call the "
-                        f"term from pl_mtt.losses.create_loss directly)"
-                    )
-                params = {k: v for k, v in spec.items() if k not in ("type", "gradients")}
-                names.append(name)
-                terms.append(create_loss(spec["type"], name=target, gradient=gradient, **params))
+        for name, target, gradient, spec in loss_terms(self.config, self.target_options):
+            if spec["reduction"] == "none":
+                path = f"loss.{target}" + (f".gradients.{gradient}" if gradient else "")
+                raise ValueError(
+                    f"{path}.reduction: 'none' gives one loss per structure, but a "
+                    f"LossModule needs scalar terms; use 'mean' or 'sum' (or call the "
+                    f"term from pl_mtt.losses.create_loss directly)"
+                )
+            params = {k: v for k, v in spec.items() if k not in ("type", "gradients")}
+            names.append(name)
+            terms.append(create_loss(spec["type"], name=target, gradient=gradient, **params))
         self.term_names: list[str] = names
         self.term_list = torch.nn.ModuleList(terms)
         # (target, prediction key) of each term, for the presence test

@@ -51,8 +51,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from pl_mtt.config import (
     expand_loss_config,
-    gradient_alias,
     is_energy_like,
+    loss_terms,
     restrict_loss_to_targets,
 )
 from pl_mtt.data import (
@@ -389,12 +389,13 @@ def _loss_terms(
     """``(key path, term name, term)`` of every term of an expanded loss, e.g.
     ``("loss.energy.forces", "energy/forces", {...})``; a gradient without a readable
     name is ``loss.<target>.gradients.<gradient>``, ``<target>/<gradient>``."""
-    for name, entry in expanded.items():
-        yield f"loss.{name}", name, entry
-        for gradient, term in entry["gradients"].items():
-            alias = gradient_alias(name, targets.get(name), gradient)
+    for name, target, gradient, term in loss_terms(expanded, targets):
+        if gradient is None:
+            yield f"loss.{name}", name, term
+        else:
+            alias = name.rsplit("/", 1)[1]
             key = alias if alias != gradient else f"gradients.{gradient}"
-            yield f"loss.{name}.{key}", f"{name}/{alias}", term
+            yield f"loss.{target}.{key}", name, term
 
 
 def check_sample_weights(

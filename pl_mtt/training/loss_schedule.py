@@ -36,7 +36,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from pl_mtt.config import check_known_keys, gradient_alias, merge_loss_config, to_plain
+from pl_mtt.config import check_known_keys, loss_terms, merge_loss_config, to_plain
 from pl_mtt.loss_module import NO_PROPERTY_SCALES, LossModule
 
 __all__ = ["LossSchedule", "LossScheduleCallback", "LossStage", "parse_stages"]
@@ -189,13 +189,7 @@ class LossSchedule:
 
 
 def _term_weights(config: Mapping[str, Any], targets: Mapping[str, Any]) -> dict[str, float]:
-    names = {}
-    for (target, gradient), weight in _weights(config).items():
-        if gradient is None:
-            names[target] = weight
-        else:
-            names[f"{target}/{gradient_alias(target, targets.get(target), gradient)}"] = weight
-    return names
+    return {name: term["weight"] for name, _, _, term in loss_terms(config, targets)}
 
 
 class LossScheduleCallback(pl.Callback):
