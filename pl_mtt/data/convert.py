@@ -35,7 +35,7 @@ import yaml
 from metatensor.torch import TensorMap
 
 from pl_mtt.config import is_energy_like, to_plain
-from pl_mtt.data.extra_data import split_by_system
+from pl_mtt.data.extra_data import same_file, split_by_system
 from pl_mtt.data.layout import property_labels, structure_tensor_map
 from pl_mtt.data.sources import ASE, dataset_format, open_dataset, write_dataset
 from pl_mtt.data.systems import atoms_to_system
@@ -99,7 +99,7 @@ class _ExtraData:
             entry = to_plain(entry) or {}
             if isinstance(entry, str):
                 entry = {"read_from": entry}
-            if entry.get("read_from") and Path(entry["read_from"]) != Path(input_path):
+            if entry.get("read_from") and not same_file(entry["read_from"], input_path):
                 import metatensor.torch as mts
 
                 try:
@@ -231,7 +231,7 @@ def convert(
         raise ValueError(f"convert: '{output_path}' exists (pass overwrite=True / --overwrite)")
     for name, options in targets.items():
         source = (options or {}).get("read_from") if isinstance(options, Mapping) else None
-        if source is not None and Path(source).resolve() != Path(input_path).resolve():
+        if source is not None and not same_file(source, input_path):
             raise ValueError(
                 f"targets.{name}.read_from: convert reads every target from the input "
                 f"'{input_path}', got '{source}'"
