@@ -68,6 +68,11 @@ def _entry_and_field(name: str) -> tuple[int, str] | None:
     return None
 
 
+def _member_name(entry: int, field: str) -> str:
+    """``(3, "system")`` -> ``"3/system.mta"``; ``(12, "energy")`` -> ``"12/energy.mts"``."""
+    return f"{entry}/system.mta" if field == SYSTEM_FIELD else f"{entry}/{field}.mts"
+
+
 class ZipIndex:
     """Where every member of a dataset zip is: arrays ``[n_entries, n_fields]`` of
     local-header offsets, sizes, CRCs and compression methods, read once.
@@ -85,17 +90,13 @@ class ZipIndex:
         if not Path(self.path).is_file():
             raise ValueError(f"dataset zip '{self.path}' does not exist")
         size = Path(self.path).stat().st_size
-
-        def read_at(offset: int, count: int) -> bytes:
-            return self.files.read(self.path, offset, count)
-
         self.fields: list[str] = []
         field_ids: dict[str, int] = {}
         entries, fields = array("q"), array("H")
         offsets, sizes, crcs, methods = array("q"), array("q"), array("L"), array("B")
         ignored: list[str] = []
         atom_counts_member = None
-        for member in central_directory(read_at, size, f"dataset zip '{self.path}'"):
+        for member in central_directory(self._read_at, size, f"dataset zip '{self.path}'"):
             parsed = _entry_and_field(member.name)
             if parsed is None:
                 if member.name == ATOM_COUNTS:
@@ -179,13 +180,15 @@ class ZipIndex:
             f"{self.fields})"
         )
 
+    def _read_at(self, offset: int, count: int) -> bytes:
+        return self.files.read(self.path, offset, count)
+
     def member_name(self, entry: int, field: int) -> str:
-        name = self.fields[field]
-        return f"{entry}/system.mta" if name == SYSTEM_FIELD else f"{entry}/{name}.mts"
+        return _member_name(entry, self.fields[field])
 
     def _atom_counts(self, member) -> np.ndarray:
         data = read_member(
-            lambda offset, count: self.files.read(self.path, offset, count),
+            self._read_at,
             member.name,
             member.header_offset,
             member.compressed_size,
@@ -215,7 +218,7 @@ class ZipIndex:
         """The bytes of member ``<entry>/<field>`` (CRC checked)."""
         column = self.field_ids[field]
         return read_member(
-            lambda offset, count: self.files.read(self.path, offset, count),
+            self._read_at,
             self.member_name(entry, column),
             int(self.offsets[entry, column]),
             int(self.sizes[entry, column]),
@@ -515,11 +518,8 @@ class ZipDataset(FileDataset):
         }
 
     # -- reading ---------------------------------------------------------------------
-    def _member(self, entry: int, field: str) -> str:
-        return f"{entry}/system.mta" if field == SYSTEM_FIELD else f"{entry}/{field}.mts"
-
     def _stored(self, entry: int, field: str) -> TensorMap:
-        what = f"dataset zip '{self.path}': member '{self._member(entry, field)}'"
+        what = f"dataset zip '{self.path}': member '{_member_name(entry, field)}'"
         return _load_tensor_map(self.index.read(entry, field), what)
 
     def read_system(self, entry: int) -> System:
@@ -565,7 +565,7 @@ class ZipDataset(FileDataset):
         n_atoms: int,
         properties: tuple | None = None,
     ) -> TensorMap:
-        what = f"dataset zip '{self.path}': member '{self._member(entry, field)}'"
+        what = f"dataset zip '{self.path}': member '{_member_name(entry, field)}'"
         data = self.index.read(entry, field)
         if properties is not None:  # the usual energy layout, in one TorchScript call
             keep = keep or set()
