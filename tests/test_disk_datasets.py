@@ -395,6 +395,10 @@ def test_bad_zips_name_the_file_and_the_entry(files, tmp_path):
         open_dataset(files["zip"], {"energy": {"key": "E"}})
     with pytest.raises(ValueError, match=r"extra_data.w: .* has no field 'w'.*fields"):
         open_dataset(files["zip"], TARGETS, {"w": {}})
+    with pytest.raises(
+        ValueError, match=r"extra_data.energy_mask.num_subtargets: 2 given, but field 'energy_mask'"
+    ):
+        open_dataset(files["zip"], TARGETS, {"energy_mask": {"num_subtargets": 2}})
 
     missing = _rewrite(
         files["zip"], tmp_path / "missing.zip", lambda n, d: None if n == "3/energy.mts" else d

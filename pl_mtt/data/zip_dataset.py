@@ -441,35 +441,37 @@ class ZipDataset(FileDataset):
                 f"'0/{key}.mts'); its fields: {fields}"
             )
 
-    def _check_sample_kind(
-        self, path: str, stored: TensorMap, per_atom: bool | None, key: str
-    ) -> bool:
-        stored_per_atom = "atom" in stored.block_by_id(0).samples.names
-        if per_atom is not None and per_atom != stored_per_atom:
-            raise ValueError(
-                f"{path}.per_atom: {per_atom} given, but field '{key}' of '{self.path}' is "
-                f"{'per atom' if stored_per_atom else 'per structure'}"
-            )
-        return stored_per_atom
-
-    def add_extra(self, name: str, parsed: DiskExtraOptions) -> None:
-        self._check_field(parsed.key, f"extra_data.{name}")
-        stored = self._stored(0, parsed.key)
-        self._check_sample_kind(f"extra_data.{name}", stored, parsed.per_atom, parsed.key)
-        self._extra_fields[name] = parsed.key
-
-    def add_target(self, name: str, parsed: DiskTargetOptions) -> None:
-        path = f"targets.{name}"
+    def _check_stored(
+        self, path: str, parsed: DiskTargetOptions | DiskExtraOptions
+    ) -> tuple[TensorMap, bool]:
+        """Entry 0 of field ``parsed.key``, and whether it is per atom (checked against
+        the ``per_atom`` and ``num_subtargets`` given)."""
         self._check_field(parsed.key, path)
         stored = self._stored(0, parsed.key)
-        per_atom = self._check_sample_kind(path, stored, parsed.per_atom, parsed.key)
         first = stored.block_by_id(0)
+        stored_per_atom = "atom" in first.samples.names
+        if parsed.per_atom is not None and parsed.per_atom != stored_per_atom:
+            raise ValueError(
+                f"{path}.per_atom: {parsed.per_atom} given, but field '{parsed.key}' of "
+                f"'{self.path}' is {'per atom' if stored_per_atom else 'per structure'}"
+            )
         n_properties = len(first.properties)
         if parsed.num_subtargets is not None and parsed.num_subtargets != n_properties:
             raise ValueError(
                 f"{path}.num_subtargets: {parsed.num_subtargets} given, but field "
                 f"'{parsed.key}' of '{self.path}' has {n_properties} properties"
             )
+        return stored, stored_per_atom
+
+    def add_extra(self, name: str, parsed: DiskExtraOptions) -> None:
+        self._check_stored(f"extra_data.{name}", parsed)
+        self._extra_fields[name] = parsed.key
+
+    def add_target(self, name: str, parsed: DiskTargetOptions) -> None:
+        path = f"targets.{name}"
+        stored, per_atom = self._check_stored(path, parsed)
+        first = stored.block_by_id(0)
+        n_properties = len(first.properties)
         gradients = set(first.gradients_list()) if len(stored) == 1 else set()
         found = {
             "forces": "positions" in gradients,
