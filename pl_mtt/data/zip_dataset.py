@@ -257,12 +257,13 @@ def _load_tensor_map(data: bytes, what: str) -> TensorMap:
         raise ValueError(f"{what}: could not load the TensorMap: {error}") from error
 
 
-def _zero_column(labels: Labels, column: str) -> Labels:
+def _with_system(labels: Labels, system: int) -> Labels:
+    """``labels`` with their ``system`` column (if any) set to ``system``."""
     names = labels.names
-    if column not in names:
+    if "system" not in names:
         return labels
     values = labels.values.clone()
-    values[:, names.index(column)] = 0
+    values[:, names.index("system")] = system
     return Labels(names, values, assume_unique=True)
 
 
@@ -282,7 +283,7 @@ def _to_structure_layout(
             )
         new = TensorBlock(
             block.values,
-            _zero_column(block.samples, "system"),
+            _with_system(block.samples, 0),
             block.components,
             block.properties,
         )
@@ -309,7 +310,7 @@ def _to_structure_layout(
                 name,
                 TensorBlock(
                     gradient.values,
-                    _zero_column(samples, "system"),
+                    _with_system(samples, 0),
                     gradient.components,
                     gradient.properties,
                 ),
@@ -321,20 +322,11 @@ def _to_structure_layout(
 def _to_stored_layout(tensor_map: TensorMap, entry: int) -> TensorMap:
     """pl_mtt's per-structure layout -> the zip's: ``system`` = ``entry``, ``positions``
     gradient samples ``[sample, atom]`` (what metatrain's DiskDataset expects)."""
-
-    def stamped(labels: Labels) -> Labels:
-        names = labels.names
-        if "system" not in names:
-            return labels
-        values = labels.values.clone()
-        values[:, names.index("system")] = entry
-        return Labels(names, values, assume_unique=True)
-
     blocks = []
     for block in tensor_map.blocks():
         new = TensorBlock(
             block.values.detach().to(device="cpu", dtype=torch.float64),
-            stamped(block.samples),
+            _with_system(block.samples, entry),
             block.components,
             block.properties,
         )
@@ -346,7 +338,7 @@ def _to_stored_layout(tensor_map: TensorMap, entry: int) -> TensorMap:
                 name,
                 TensorBlock(
                     gradient.values.detach().to(device="cpu", dtype=torch.float64),
-                    stamped(samples),
+                    _with_system(samples, entry),
                     gradient.components,
                     gradient.properties,
                 ),
