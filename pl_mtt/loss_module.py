@@ -116,8 +116,7 @@ class LossAggregate(Metric):
         self.flush()
         sums, counts, batches = self.totals.unbind()
         # counts of weighted terms are sums of weights: used as they are when positive
-        denominators = torch.where(self.is_sum, batches, counts)
-        return sums / torch.where(denominators > 0, denominators, 1.0)
+        return sums / positive_count(torch.where(self.is_sum, batches, counts))
 
     def sync(self, *args, **kwargs) -> None:
         self.flush()  # every rank adds its own queue before the states are reduced
@@ -184,11 +183,7 @@ def _single_sum_and_count(
     extra_data: TensorMaps | None,
     cache: ValueCache,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    term = terms[0]
-    if term.weighting is None:
-        total, count = term.sum_and_count(predictions, targets, extra_data)
-    else:
-        total, count = term.sum_and_count(predictions, targets, extra_data, cache.systems)
+    total, count = terms[0].call_sum_and_count(predictions, targets, extra_data, cache.systems)
     return total.reshape(1), count.reshape(1)
 
 

@@ -18,6 +18,7 @@ with ``annotated_types`` bounds (``Ge``, ``Gt``, ``Le``, ``Lt``, ``Interval``) a
 
 from __future__ import annotations
 
+import operator
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -118,9 +119,18 @@ def describe(annotation: Any) -> str:
     return getattr(annotation, "__name__", str(annotation))
 
 
+# bound attribute (of Bound and annotated_types) -> its symbol and test
+_BOUNDS = (
+    ("ge", ">=", operator.ge),
+    ("gt", ">", operator.gt),
+    ("le", "<=", operator.le),
+    ("lt", "<", operator.lt),
+)
+
+
 def _bound_text(meta: Any) -> str:
     parts = []
-    for attribute, symbol in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+    for attribute, symbol, _ in _BOUNDS:
         value = getattr(meta, attribute, None)
         if value is not None:
             parts.append(f"{symbol} {value}")
@@ -205,12 +215,7 @@ def _check_typed_dict(value: Any, cls: type, path: str) -> None:
 
 
 def _check_bounds(value: Any, meta: Any, annotation: Any, path: str) -> None:
-    for attribute, holds in (
-        ("ge", lambda v, b: v >= b),
-        ("gt", lambda v, b: v > b),
-        ("le", lambda v, b: v <= b),
-        ("lt", lambda v, b: v < b),
-    ):
+    for attribute, _, holds in _BOUNDS:
         bound = getattr(meta, attribute, None)
         if bound is not None and not holds(value, bound):
             raise _fail(path, annotation, value)

@@ -324,6 +324,20 @@ class LossTerm(torch.nn.Module):
         per-atom sample weights only."""
         raise NotImplementedError
 
+    def call_sum_and_count(
+        self,
+        predictions: TensorMaps,
+        targets: TensorMaps,
+        extra_data: TensorMaps | None,
+        systems: list | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`sum_and_count`, given ``systems`` only when the term is weighted (a loss
+        type that takes no weights may define :meth:`sum_and_count` with three
+        parameters, as before weights existed)."""
+        if self.weighting is None:
+            return self.sum_and_count(predictions, targets, extra_data)
+        return self.sum_and_count(predictions, targets, extra_data, systems)
+
     @property
     def reads_scaled_inputs(self) -> bool:
         """Whether :meth:`scaled_sum_and_count` can compute this term from raw model
@@ -361,9 +375,7 @@ class LossTerm(torch.nn.Module):
         two ``(K,)`` tensors; ``cache`` shares the TensorMap values between terms.
         Subclasses with a fusion key override this with one computation for all."""
         pairs = [
-            term.sum_and_count(predictions, targets, extra_data)
-            if term.weighting is None
-            else term.sum_and_count(predictions, targets, extra_data, cache.systems)
+            term.call_sum_and_count(predictions, targets, extra_data, cache.systems)
             for term in terms
         ]
         return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
@@ -375,10 +387,7 @@ class LossTerm(torch.nn.Module):
         extra_data: TensorMaps | None = None,
         systems: list | None = None,
     ) -> torch.Tensor:
-        if self.weighting is None:
-            total, count = self.sum_and_count(predictions, targets, extra_data)
-        else:
-            total, count = self.sum_and_count(predictions, targets, extra_data, systems)
+        total, count = self.call_sum_and_count(predictions, targets, extra_data, systems)
         return reduce_loss(total, count, self.reduction)
 
     def extra_repr(self) -> str:

@@ -132,19 +132,34 @@ def _search(predictions: torch.Tensor, targets: torch.Tensor, weight: torch.Tens
         return torch.zeros(batch, dtype=torch.long, device=predictions.device)
     p = predictions.detach().to(torch.float64)
     wm = weight.to(torch.float64) * _trapezoid_weights(n, p)
-    wmt = wm * targets.to(torch.float64)
     size = _fft_size(width)
+    criterion, scale = window_criterion(p, wm, wm * targets.to(torch.float64), shifts, size)
+    chosen = first_minimum(criterion, scale, size)
+    return torch.where(weight.any(dim=1), chosen, torch.zeros_like(chosen))
+
+
+def window_criterion(
+    p: torch.Tensor, m: torch.Tensor, mt: torch.Tensor, shifts: int, size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sum_j m_j (p[s + j]^2 - 2 t_j p[s + j])`` for ``s in 0..shifts-1`` (``(B,
+    shifts)``; ``mt = m t``, all float64) by FFT correlations of ``size`` points
+    (:func:`_fft_size` of ``p``'s width), and the rounding scale of each row (a
+    Cauchy-Schwarz bound on its entries) for :func:`first_minimum`."""
     spectra = torch.fft.rfft(torch.stack([p * p, p]), n=size)  # (2, B, L/2+1)
-    kernels = torch.fft.rfft(torch.stack([wm, -2.0 * wmt]), n=size).conj()
+    kernels = torch.fft.rfft(torch.stack([m, -2.0 * mt]), n=size).conj()
     criterion = torch.fft.irfft((spectra * kernels).sum(0), n=size)[:, :shifts]
-    # rounding scale of the two correlations (Cauchy-Schwarz bound on each entry)
-    scale = torch.linalg.vector_norm(p * p, dim=1) * torch.linalg.vector_norm(wm, dim=1)
-    scale = scale + 2.0 * torch.linalg.vector_norm(p, dim=1) * torch.linalg.vector_norm(wmt, dim=1)
+    scale = torch.linalg.vector_norm(p * p, dim=1) * torch.linalg.vector_norm(m, dim=1)
+    scale = scale + 2.0 * torch.linalg.vector_norm(p, dim=1) * torch.linalg.vector_norm(mt, dim=1)
+    return criterion, scale
+
+
+def first_minimum(criterion: torch.Tensor, scale: torch.Tensor, size: int) -> torch.Tensor:
+    """Per row the first shift within the rounding tolerance of the row's minimum
+    (``scale``: that of :func:`window_criterion` with FFTs of ``size`` points)."""
     tolerance = (TIE_ULPS * math.log2(size) * torch.finfo(torch.float64).eps) * scale
     best = criterion.min(dim=1, keepdim=True).values
-    # first shift within tolerance of the minimum (argmax returns the first maximum)
-    chosen = (criterion <= best + tolerance[:, None]).to(torch.uint8).argmax(dim=1)
-    return torch.where(weight.any(dim=1), chosen, torch.zeros_like(chosen))
+    # argmax returns the first maximum
+    return (criterion <= best + tolerance[:, None]).to(torch.uint8).argmax(dim=1)
 
 
 def dos_alignment_shifts(

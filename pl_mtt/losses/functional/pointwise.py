@@ -152,16 +152,23 @@ def pointwise_total(
     """Sum of :func:`pointwise_elementwise` over all entries (``mse``: one dot product),
     each times its ``weight`` if given (see the module docstring)."""
     if weight is not None:
-        if kind == "mse":
-            difference = difference * weight.sqrt()
-        elif kind == "mae":
-            difference = difference * weight
-        else:
+        if kind == "huber":
             return (pointwise_elementwise(difference, kind, delta) * weight).sum()
+        difference = _weighted_difference(difference, kind, weight)
     if kind == "mse":
         flat = difference.reshape(-1)
         return torch.dot(flat, flat)
     return pointwise_elementwise(difference, kind, delta).sum()
+
+
+def _weighted_difference(
+    difference: torch.Tensor, kind: str, weight: torch.Tensor | None
+) -> torch.Tensor:
+    """The difference whose plain ``mse``/``mae`` sum is the weighted sum: ``sqrt(w) d``
+    (``mse``) and ``w d`` (``mae``); unchanged without a weight or for ``huber``."""
+    if weight is None or kind == "huber":
+        return difference
+    return difference * (weight.sqrt() if kind == "mse" else weight)
 
 
 def _weighted_grads(grads: list[torch.Tensor], weights: Sequence[torch.Tensor | None]) -> list:
@@ -316,23 +323,6 @@ def positive_count(count: torch.Tensor) -> torch.Tensor:
     return count.clamp(min=1)
 
 
-def _weighted_differences(
-    differences: Sequence[torch.Tensor],
-    kinds: Sequence[str],
-    weights: Sequence[torch.Tensor | None],
-) -> list[torch.Tensor]:
-    """The differences whose plain ``mse``/``mae`` sums are the weighted sums:
-    ``sqrt(w) d`` (``mse``) and ``w d`` (``mae``); ``huber`` segments unchanged."""
-    result = []
-    for difference, kind, weight in zip(differences, kinds, weights, strict=True):
-        if weight is not None and kind == "mse":
-            difference = difference * weight.sqrt()
-        elif weight is not None and kind == "mae":
-            difference = difference * weight
-        result.append(difference)
-    return result
-
-
 def _segment_totals(
     differences: Sequence[torch.Tensor],
     kinds: Sequence[str],
@@ -347,7 +337,10 @@ def _segment_totals(
     ``huber`` per segment.
     """
     if weights is not None:
-        differences = _weighted_differences(differences, kinds, weights)
+        differences = [
+            _weighted_difference(d, k, w)
+            for d, k, w in zip(differences, kinds, weights, strict=True)
+        ]
     if all(kind == "mse" for kind in kinds):
         return torch.stack(torch._foreach_norm(list(differences), 2)).square()
     if all(kind == "mae" for kind in kinds):

@@ -31,12 +31,10 @@ or shifts, no host-device synchronisation.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from pl_mtt.losses.functional.dos import TIE_ULPS, _fft_size
+from pl_mtt.losses.functional.dos import _fft_size, first_minimum, window_criterion
 
 __all__ = ["SPACING", "shift_agnostic_alignment", "shift_agnostic_mse_loss"]
 
@@ -67,11 +65,6 @@ def _check(predictions: torch.Tensor, targets: torch.Tensor) -> None:
         )
 
 
-def _padded(predictions: torch.Tensor) -> torch.Tensor:
-    width = predictions.shape[1]
-    return F.pad(predictions, (width, width))
-
-
 @torch.no_grad()
 def _search(padded: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """First shift minimising the criterion (float64 FFT correlations)."""
@@ -82,19 +75,12 @@ def _search(padded: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> 
         return torch.zeros(0, dtype=torch.long, device=padded.device)
     p = padded.detach().to(torch.float64)
     m = mask.to(torch.float64)
-    mt = m * targets.to(torch.float64)
     size = _fft_size(length)
-    spectra = torch.fft.rfft(torch.stack([p * p, p]), n=size)
-    kernels = torch.fft.rfft(torch.stack([m, -2.0 * mt]), n=size).conj()
-    window = torch.fft.irfft((spectra * kernels).sum(0), n=size)[:, :shifts]
+    window, scale = window_criterion(p, m, m * targets.to(torch.float64), shifts, size)
     front = torch.cumsum(p * p, dim=1)[:, : shifts - 1]
     criterion = window + F.pad(front, (1, 0))
-    scale = torch.linalg.vector_norm(p * p, dim=1) * torch.linalg.vector_norm(m, dim=1)
-    scale = scale + 2.0 * torch.linalg.vector_norm(p, dim=1) * torch.linalg.vector_norm(mt, dim=1)
     scale = scale + front[:, -1:].squeeze(1) if shifts > 1 else scale
-    tolerance = (TIE_ULPS * math.log2(size) * torch.finfo(torch.float64).eps) * scale
-    best = criterion.min(dim=1, keepdim=True).values
-    return (criterion <= best + tolerance[:, None]).to(torch.uint8).argmax(dim=1)
+    return first_minimum(criterion, scale, size)
 
 
 def _split(targets: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,17 +89,26 @@ def _split(targets: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, tor
     return torch.where(is_nan, torch.zeros_like(targets), targets), (~is_nan).to(dtype)
 
 
+def _aligned(
+    predictions: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The padded predictions ``(B, 3 L)``, the targets with NaN as 0 and their mask
+    ``(B, n)``, the chosen shifts ``(B,)`` and the aligned windows ``(B, n)``."""
+    _check(predictions, targets)
+    width = predictions.shape[1]
+    padded = F.pad(predictions, (width, width))
+    clean, mask = _split(targets, predictions.dtype)
+    shifts = _search(padded, clean, mask)
+    index = shifts[:, None] + torch.arange(targets.shape[1], device=predictions.device)
+    return padded, clean, mask, shifts, padded.gather(1, index)
+
+
 def shift_agnostic_alignment(
     predictions: torch.Tensor, targets: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(shifts, aligned)``: the chosen shift per structure ``(B,)`` (into the padded
     prediction) and the aligned ``n``-point window ``(B, n)`` of the padded prediction."""
-    _check(predictions, targets)
-    padded = _padded(predictions)
-    clean, mask = _split(targets, predictions.dtype)
-    shifts = _search(padded, clean, mask)
-    index = shifts[:, None] + torch.arange(targets.shape[1], device=predictions.device)
-    return shifts, padded.gather(1, index)
+    return _aligned(predictions, targets)[3:]
 
 
 def shift_agnostic_mse_loss(
@@ -135,14 +130,9 @@ def shift_agnostic_mse_loss(
     >>> shifts.tolist(), float(loss.abs().max())
     ([45, 45, 45], 0.0)
     """
-    _check(predictions, targets)
     dtype, device = predictions.dtype, predictions.device
-    padded = _padded(predictions)
-    clean, mask = _split(targets, dtype)
+    padded, clean, mask, shifts, aligned = _aligned(predictions, targets)
     n, length = clean.shape[1], padded.shape[1]
-    shifts = _search(padded, clean, mask)
-    index = shifts[:, None] + torch.arange(n, device=device)
-    aligned = padded.gather(1, index)
     difference = aligned - clean
     front = F.pad(torch.cumsum(padded.square(), dim=1), (1, 0)).gather(1, shifts[:, None])
     loss = (difference.square() * mask).sum(dim=1) + front.squeeze(1)
