@@ -395,6 +395,10 @@ def test_bad_zips_name_the_file_and_the_entry(files, tmp_path):
         open_dataset(files["zip"], {"energy": {"key": "E"}})
     with pytest.raises(ValueError, match=r"extra_data.w: .* has no field 'w'.*fields"):
         open_dataset(files["zip"], TARGETS, {"w": {}})
+    with pytest.raises(
+        ValueError, match=r"extra_data.energy_mask.num_subtargets: 2 given, but field 'energy_mask'"
+    ):
+        open_dataset(files["zip"], TARGETS, {"energy_mask": {"num_subtargets": 2}})
 
     missing = _rewrite(
         files["zip"], tmp_path / "missing.zip", lambda n, d: None if n == "3/energy.mts" else d
@@ -475,6 +479,34 @@ def test_bad_directories_name_the_file(files, tmp_path):
         ValueError, match=r"charges.bin' has \d+ float32 values, expected 9 structures"
     ):
         open_dataset(files["dir"], {"mtt::charges": {"key": "charges", "per_atom": False}})
+
+
+def test_convert_reads_extra_data_keys_as_open_dataset_does(tmp_path):
+    frames = _frames()
+    for index, atoms in enumerate(frames):
+        atoms.info["weight"] = 0.5 + index
+    xyz = tmp_path / "weights.xyz"
+    ase.io.write(xyz, frames, format="extxyz")
+    extra = {"weight": {"key": "weight"}, "q": {"key": "charges"}}
+    memory = open_dataset(xyz, {"energy": {}}, extra)
+    for output in ("weights.zip", "weights_dir/"):
+        count, _ = convert(xyz, f"{tmp_path}/{output}", {"energy": {}}, extra)
+        assert count == N
+        stored = open_dataset(f"{tmp_path}/{output}", {"energy": {}}, extra)
+        rounded = _float32 if output.endswith("/") else (lambda values: values)
+        for index in range(N):
+            for name, value in memory[index][2].items():
+                other = stored[index][2][name]
+                assert mts.equal_metadata(other, value), name
+                _assert_same(other.block().values, rounded(value.block().values), name)
+    assert memory[1][2]["weight"].block().values.tolist() == [[1.5]]
+    assert memory[1][2]["q"].block().samples.names == ["system", "atom"]
+    del frames[5].info["weight"]
+    ase.io.write(xyz, frames, format="extxyz")
+    with pytest.raises(
+        ValueError, match=r"extra_data.weight: key 'weight' not found in structure 5"
+    ):
+        convert(xyz, tmp_path / "missing.zip", {"energy": {}}, extra)
 
 
 def test_convert_errors_name_the_frame(files, tmp_path):

@@ -35,8 +35,7 @@ import yaml
 from metatensor.torch import TensorMap
 
 from pl_mtt.config import is_energy_like, to_plain
-from pl_mtt.data.extra_data import split_by_system
-from pl_mtt.data.layout import property_labels, structure_tensor_map
+from pl_mtt.data.extra_data import read_extra_data_from_frames, same_file, split_by_system
 from pl_mtt.data.sources import ASE, dataset_format, open_dataset, write_dataset
 from pl_mtt.data.systems import atoms_to_system
 from pl_mtt.data.targets import find_value, gradient_source, read_targets
@@ -93,13 +92,13 @@ class _ExtraData:
 
     def __init__(self, input_path: str, options: Mapping[str, Any], dtype: torch.dtype) -> None:
         self.from_files: dict[str, list[TensorMap]] = {}
-        self.from_keys: dict[str, tuple[str, bool | None]] = {}
+        self.from_keys: dict[str, dict[str, Any]] = {}  # name -> options
         self.counts: dict[str, int] = {}
         for name, entry in options.items():
             entry = to_plain(entry) or {}
             if isinstance(entry, str):
                 entry = {"read_from": entry}
-            if entry.get("read_from") and Path(entry["read_from"]) != Path(input_path):
+            if entry.get("read_from") and not same_file(entry["read_from"], input_path):
                 import metatensor.torch as mts
 
                 try:
@@ -118,8 +117,7 @@ class _ExtraData:
                 self.counts[name] = count
                 self.from_files[name] = split_by_system(tensor_map, count)
             else:
-                per_atom = entry.get("per_atom")
-                self.from_keys[name] = (str(entry.get("key") or name), per_atom)
+                self.from_keys[name] = entry
 
     def for_frame(
         self, index: int, atoms: ase.Atoms, path: str, dtype: torch.dtype
@@ -131,24 +129,12 @@ class _ExtraData:
                     f"extra_data.{name}: its file has {len(values)} structures, '{path}' has more"
                 )
             extra[name] = values[index]
-        for name, (key, per_atom) in self.from_keys.items():
-            value = find_value(atoms, key)
-            if value is None:
-                raise ValueError(
-                    f"extra_data.{name}: key '{key}' not found in structure {index} of '{path}'"
-                )
-            if per_atom is None:
-                per_atom = key in atoms.arrays
-            rows = len(atoms) if per_atom else 1
-            if value.size % rows or (per_atom and value.shape[:1] != (rows,)):
-                raise ValueError(
-                    f"extra_data.{name}: key '{key}' of structure {index} of '{path}' has shape "
-                    f"{value.shape}, expected {rows} rows"
-                )
-            values = torch.from_numpy(value.reshape(rows, -1)).to(dtype)
-            extra[name] = structure_tensor_map(
-                values, property_labels(values.shape[1], False), per_atom=per_atom
-            )
+        for name, options in self.from_keys.items():
+            try:
+                (extra[name],) = read_extra_data_from_frames(name, options, [atoms], path, dtype)
+            except ValueError as error:
+                message = str(error).replace("structure 0 ", f"structure {index} ")
+                raise ValueError(message) from None
         return extra
 
     def check_count(self, written: int) -> None:
@@ -231,7 +217,7 @@ def convert(
         raise ValueError(f"convert: '{output_path}' exists (pass overwrite=True / --overwrite)")
     for name, options in targets.items():
         source = (options or {}).get("read_from") if isinstance(options, Mapping) else None
-        if source is not None and Path(source).resolve() != Path(input_path).resolve():
+        if source is not None and not same_file(source, input_path):
             raise ValueError(
                 f"targets.{name}.read_from: convert reads every target from the input "
                 f"'{input_path}', got '{source}'"
@@ -255,7 +241,9 @@ def convert(
     writer_options = {
         name: _fixed_options(to_plain(targets[name]) or {}, resolved[name]) for name in targets
     }
-    extra_options = {name: {"key": key} for name, (key, _) in extra.from_keys.items()}
+    extra_options = {
+        name: {"key": str(options.get("key") or name)} for name, options in extra.from_keys.items()
+    }
     extra_options.update({name: {} for name in extra.from_files})
 
     def stream() -> Iterator[tuple]:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from pl_mtt.config import check_known_keys, is_energy_like, to_plain
-from pl_mtt.data.extra_data import EXTRA_DATA_OPTION_KEYS
+from pl_mtt.data.extra_data import EXTRA_DATA_OPTION_KEYS, reads_structure_file, same_file
 from pl_mtt.data.targets import TARGET_OPTION_KEYS, gradient_source
 
 __all__ = ["DiskExtraOptions", "DiskTargetOptions", "parse_extra_options", "parse_target_options"]
@@ -80,13 +80,6 @@ class DiskTargetOptions:
         return on
 
 
-def _same_file(a: str | Path, b: str | Path) -> bool:
-    try:
-        return Path(a).resolve() == Path(b).resolve()
-    except OSError:
-        return str(a) == str(b)
-
-
 def parse_target_options(name: str, options: Any, path: str) -> DiskTargetOptions:
     """Check one target's options for a disk dataset at ``path``.
 
@@ -106,7 +99,7 @@ def parse_target_options(name: str, options: Any, path: str) -> DiskTargetOption
             f"itself; remove 'reader'"
         )
     read_from = options.get("read_from")
-    if read_from is not None and not _same_file(read_from, path):
+    if read_from is not None and not same_file(read_from, path):
         raise ValueError(
             f"targets.{name}.read_from: the targets of '{path}' are read from the dataset "
             f"itself, got '{read_from}'"
@@ -115,7 +108,7 @@ def parse_target_options(name: str, options: Any, path: str) -> DiskTargetOption
     gradients = {}
     for option in ("forces", "stress", "virial"):
         on, key, source = gradient_source(name, option, options.get(option), path)
-        if on and not _same_file(source, path):
+        if on and not same_file(source, path):
             raise ValueError(
                 f"targets.{name}.{option}.read_from: gradients of '{path}' are read from the "
                 f"dataset itself, got '{source}'"
@@ -169,8 +162,7 @@ def parse_extra_options(name: str, options: Any, path: str) -> DiskExtraOptions:
         raise ValueError(f"extra_data.{name}: expected a mapping of options, got {options!r}")
     options = dict(options)
     check_known_keys(options, EXTRA_DATA_OPTION_KEYS, f"extra_data.{name}", "option")
-    read_from = options.get("read_from")
-    external = read_from is not None and not _same_file(read_from, path)
+    external = not reads_structure_file(options, path)
     if not external and options.get("reader") is not None:
         raise ValueError(
             f"extra_data.{name}.reader: read from '{path}' itself; remove 'reader' or give "

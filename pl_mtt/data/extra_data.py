@@ -166,12 +166,16 @@ def reads_structure_file(options: Mapping[str, Any] | str | None, path: str | Pa
     if isinstance(options, (str, Path)):
         return False
     read_from = (options or {}).get("read_from") if isinstance(options, Mapping) else None
-    if read_from is None:
-        return True
+    return read_from is None or same_file(read_from, path)
+
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name the same file (compared as given when they cannot be
+    resolved)."""
     try:
-        return Path(read_from).resolve() == Path(path).resolve()
+        return Path(a).resolve() == Path(b).resolve()
     except OSError:
-        return str(read_from) == str(path)
+        return str(a) == str(b)
 
 
 def _split_block(block: TensorBlock, n_structures: int) -> list[TensorBlock]:

@@ -165,14 +165,16 @@ class AtomBatchSampler(torch.utils.data.DistributedSampler):
         self._plan: tuple[int, list[list[int]]] | None = None  # (epoch, this rank's batches)
         if equal_steps:
             self.steps = fewest_steps(counts, max_atoms, num_replicas) if len(counts) else 0
-            smallest = int(pack(counts, self.steps * num_replicas, size_order(counts))[1].min())
-            if min_atoms and smallest < min_atoms:
-                raise ValueError(
-                    f"min_atoms_per_batch={min_atoms} cannot be met: {len(counts)} structures "
-                    f"({int(counts.sum())} atoms) in {self.steps} steps on {num_replicas} "
-                    f"rank(s) give batches of down to {smallest} atoms "
-                    f"(max_atoms_per_batch={max_atoms}); lower min_atoms_per_batch"
-                )
+            if min_atoms and self.steps:  # the balanced batches (exact size order) reach it
+                loads = pack(counts, self.steps * num_replicas, size_order(counts))[1]
+                smallest = int(loads.min())
+                if smallest < min_atoms:
+                    raise ValueError(
+                        f"min_atoms_per_batch={min_atoms} cannot be met: {len(counts)} "
+                        f"structures ({int(counts.sum())} atoms) in {self.steps} steps on "
+                        f"{num_replicas} rank(s) give batches of down to {smallest} atoms "
+                        f"(max_atoms_per_batch={max_atoms}); lower min_atoms_per_batch"
+                    )
         else:
             share = range(rank, len(counts), num_replicas)
             self._plan = (-1, pack_share(counts, share, max_atoms))
@@ -181,6 +183,8 @@ class AtomBatchSampler(torch.utils.data.DistributedSampler):
     def _batches(self) -> list[list[int]]:
         if not self.equal_steps:
             return self._plan[1]
+        if not self.steps:  # no structures
+            return []
         if self._plan is None or self._plan[0] != self.epoch:
             generator = None
             if self.shuffle:

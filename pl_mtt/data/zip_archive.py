@@ -23,9 +23,7 @@ from pathlib import Path
 __all__ = [
     "ZipEntry",
     "ZipWriter",
-    "bytes_read_at",
     "central_directory",
-    "pread_function",
     "read_member",
 ]
 
@@ -222,24 +220,6 @@ def read_member(
     if zlib.crc32(data) != crc:
         raise ValueError(f"{what}: member '{name}' is corrupt (CRC-32 mismatch)")
     return data
-
-
-def pread_function(fd: int) -> ReadAt:
-    """``read_at`` for an open file descriptor (``os.pread``: no shared file position)."""
-
-    def read_at(offset: int, size: int) -> bytes:
-        return os.pread(fd, size, offset)
-
-    return read_at
-
-
-def bytes_read_at(data: bytes) -> ReadAt:
-    """``read_at`` over an in-memory archive."""
-
-    def read_at(offset: int, size: int) -> bytes:
-        return data[offset : offset + size]
-
-    return read_at
 
 
 class ZipWriter:

@@ -68,6 +68,11 @@ def _entry_and_field(name: str) -> tuple[int, str] | None:
     return None
 
 
+def _member_name(entry: int, field: str) -> str:
+    """``(3, "system")`` -> ``"3/system.mta"``; ``(12, "energy")`` -> ``"12/energy.mts"``."""
+    return f"{entry}/system.mta" if field == SYSTEM_FIELD else f"{entry}/{field}.mts"
+
+
 class ZipIndex:
     """Where every member of a dataset zip is: arrays ``[n_entries, n_fields]`` of
     local-header offsets, sizes, CRCs and compression methods, read once.
@@ -85,17 +90,13 @@ class ZipIndex:
         if not Path(self.path).is_file():
             raise ValueError(f"dataset zip '{self.path}' does not exist")
         size = Path(self.path).stat().st_size
-
-        def read_at(offset: int, count: int) -> bytes:
-            return self.files.read(self.path, offset, count)
-
         self.fields: list[str] = []
         field_ids: dict[str, int] = {}
         entries, fields = array("q"), array("H")
         offsets, sizes, crcs, methods = array("q"), array("q"), array("L"), array("B")
         ignored: list[str] = []
         atom_counts_member = None
-        for member in central_directory(read_at, size, f"dataset zip '{self.path}'"):
+        for member in central_directory(self._read_at, size, f"dataset zip '{self.path}'"):
             parsed = _entry_and_field(member.name)
             if parsed is None:
                 if member.name == ATOM_COUNTS:
@@ -179,13 +180,15 @@ class ZipIndex:
             f"{self.fields})"
         )
 
+    def _read_at(self, offset: int, count: int) -> bytes:
+        return self.files.read(self.path, offset, count)
+
     def member_name(self, entry: int, field: int) -> str:
-        name = self.fields[field]
-        return f"{entry}/system.mta" if name == SYSTEM_FIELD else f"{entry}/{name}.mts"
+        return _member_name(entry, self.fields[field])
 
     def _atom_counts(self, member) -> np.ndarray:
         data = read_member(
-            lambda offset, count: self.files.read(self.path, offset, count),
+            self._read_at,
             member.name,
             member.header_offset,
             member.compressed_size,
@@ -215,7 +218,7 @@ class ZipIndex:
         """The bytes of member ``<entry>/<field>`` (CRC checked)."""
         column = self.field_ids[field]
         return read_member(
-            lambda offset, count: self.files.read(self.path, offset, count),
+            self._read_at,
             self.member_name(entry, column),
             int(self.offsets[entry, column]),
             int(self.sizes[entry, column]),
@@ -254,12 +257,13 @@ def _load_tensor_map(data: bytes, what: str) -> TensorMap:
         raise ValueError(f"{what}: could not load the TensorMap: {error}") from error
 
 
-def _zero_column(labels: Labels, column: str) -> Labels:
+def _with_system(labels: Labels, system: int) -> Labels:
+    """``labels`` with their ``system`` column (if any) set to ``system``."""
     names = labels.names
-    if column not in names:
+    if "system" not in names:
         return labels
     values = labels.values.clone()
-    values[:, names.index(column)] = 0
+    values[:, names.index("system")] = system
     return Labels(names, values, assume_unique=True)
 
 
@@ -279,7 +283,7 @@ def _to_structure_layout(
             )
         new = TensorBlock(
             block.values,
-            _zero_column(block.samples, "system"),
+            _with_system(block.samples, 0),
             block.components,
             block.properties,
         )
@@ -306,7 +310,7 @@ def _to_structure_layout(
                 name,
                 TensorBlock(
                     gradient.values,
-                    _zero_column(samples, "system"),
+                    _with_system(samples, 0),
                     gradient.components,
                     gradient.properties,
                 ),
@@ -318,20 +322,11 @@ def _to_structure_layout(
 def _to_stored_layout(tensor_map: TensorMap, entry: int) -> TensorMap:
     """pl_mtt's per-structure layout -> the zip's: ``system`` = ``entry``, ``positions``
     gradient samples ``[sample, atom]`` (what metatrain's DiskDataset expects)."""
-
-    def stamped(labels: Labels) -> Labels:
-        names = labels.names
-        if "system" not in names:
-            return labels
-        values = labels.values.clone()
-        values[:, names.index("system")] = entry
-        return Labels(names, values, assume_unique=True)
-
     blocks = []
     for block in tensor_map.blocks():
         new = TensorBlock(
             block.values.detach().to(device="cpu", dtype=torch.float64),
-            stamped(block.samples),
+            _with_system(block.samples, entry),
             block.components,
             block.properties,
         )
@@ -343,7 +338,7 @@ def _to_stored_layout(tensor_map: TensorMap, entry: int) -> TensorMap:
                 name,
                 TensorBlock(
                     gradient.values.detach().to(device="cpu", dtype=torch.float64),
-                    stamped(samples),
+                    _with_system(samples, entry),
                     gradient.components,
                     gradient.properties,
                 ),
@@ -438,35 +433,37 @@ class ZipDataset(FileDataset):
                 f"'0/{key}.mts'); its fields: {fields}"
             )
 
-    def _check_sample_kind(
-        self, path: str, stored: TensorMap, per_atom: bool | None, key: str
-    ) -> bool:
-        stored_per_atom = "atom" in stored.block_by_id(0).samples.names
-        if per_atom is not None and per_atom != stored_per_atom:
-            raise ValueError(
-                f"{path}.per_atom: {per_atom} given, but field '{key}' of '{self.path}' is "
-                f"{'per atom' if stored_per_atom else 'per structure'}"
-            )
-        return stored_per_atom
-
-    def add_extra(self, name: str, parsed: DiskExtraOptions) -> None:
-        self._check_field(parsed.key, f"extra_data.{name}")
-        stored = self._stored(0, parsed.key)
-        self._check_sample_kind(f"extra_data.{name}", stored, parsed.per_atom, parsed.key)
-        self._extra_fields[name] = parsed.key
-
-    def add_target(self, name: str, parsed: DiskTargetOptions) -> None:
-        path = f"targets.{name}"
+    def _check_stored(
+        self, path: str, parsed: DiskTargetOptions | DiskExtraOptions
+    ) -> tuple[TensorMap, bool]:
+        """Entry 0 of field ``parsed.key``, and whether it is per atom (checked against
+        the ``per_atom`` and ``num_subtargets`` given)."""
         self._check_field(parsed.key, path)
         stored = self._stored(0, parsed.key)
-        per_atom = self._check_sample_kind(path, stored, parsed.per_atom, parsed.key)
         first = stored.block_by_id(0)
+        stored_per_atom = "atom" in first.samples.names
+        if parsed.per_atom is not None and parsed.per_atom != stored_per_atom:
+            raise ValueError(
+                f"{path}.per_atom: {parsed.per_atom} given, but field '{parsed.key}' of "
+                f"'{self.path}' is {'per atom' if stored_per_atom else 'per structure'}"
+            )
         n_properties = len(first.properties)
         if parsed.num_subtargets is not None and parsed.num_subtargets != n_properties:
             raise ValueError(
                 f"{path}.num_subtargets: {parsed.num_subtargets} given, but field "
                 f"'{parsed.key}' of '{self.path}' has {n_properties} properties"
             )
+        return stored, stored_per_atom
+
+    def add_extra(self, name: str, parsed: DiskExtraOptions) -> None:
+        self._check_stored(f"extra_data.{name}", parsed)
+        self._extra_fields[name] = parsed.key
+
+    def add_target(self, name: str, parsed: DiskTargetOptions) -> None:
+        path = f"targets.{name}"
+        stored, per_atom = self._check_stored(path, parsed)
+        first = stored.block_by_id(0)
+        n_properties = len(first.properties)
         gradients = set(first.gradients_list()) if len(stored) == 1 else set()
         found = {
             "forces": "positions" in gradients,
@@ -515,11 +512,8 @@ class ZipDataset(FileDataset):
         }
 
     # -- reading ---------------------------------------------------------------------
-    def _member(self, entry: int, field: str) -> str:
-        return f"{entry}/system.mta" if field == SYSTEM_FIELD else f"{entry}/{field}.mts"
-
     def _stored(self, entry: int, field: str) -> TensorMap:
-        what = f"dataset zip '{self.path}': member '{self._member(entry, field)}'"
+        what = f"dataset zip '{self.path}': member '{_member_name(entry, field)}'"
         return _load_tensor_map(self.index.read(entry, field), what)
 
     def read_system(self, entry: int) -> System:
@@ -565,7 +559,7 @@ class ZipDataset(FileDataset):
         n_atoms: int,
         properties: tuple | None = None,
     ) -> TensorMap:
-        what = f"dataset zip '{self.path}': member '{self._member(entry, field)}'"
+        what = f"dataset zip '{self.path}': member '{_member_name(entry, field)}'"
         data = self.index.read(entry, field)
         if properties is not None:  # the usual energy layout, in one TorchScript call
             keep = keep or set()
