@@ -53,6 +53,7 @@ __all__ = [
     "loss_terms",
     "requested_gradients",
     "restrict_loss_to_targets",
+    "target_unit",
     "to_plain",
 ]
 
@@ -102,6 +103,13 @@ def is_energy_like(name: str, options: Mapping[str, Any] | None) -> bool:
     """Whether a training target is an energy (``quantity: energy`` or named ``energy``)."""
     quantity = (options or {}).get("quantity")
     return quantity == "energy" or (name == "energy" and quantity in (None, ""))
+
+
+def target_unit(name: str, options: Mapping[str, Any] | None) -> str:
+    """The target's ``unit``; without one, ``eV`` for an energy (the data layer's unit of
+    energies) and ``""`` otherwise."""
+    options = options or {}
+    return options.get("unit") or ("eV" if is_energy_like(name, options) else "")
 
 
 def _is_requested(option: Any) -> bool:

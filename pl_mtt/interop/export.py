@@ -60,7 +60,7 @@ from metatomic.torch import (
     System,
 )
 
-from pl_mtt.config import is_energy_like, to_plain
+from pl_mtt.config import target_unit, to_plain
 from pl_mtt.interop.physical_outputs import N_ATOMIC_NUMBERS, PhysicalOutputs, RawOutput
 from pl_mtt.tensormaps.builders import ensemble_output_name
 from pl_mtt.tensormaps.neighbors import attach_neighbor_lists, requested_neighbor_lists
@@ -132,8 +132,9 @@ def _target_options(task: Any, targets: Mapping[str, Any] | None) -> dict[str, d
     result = {}
     for name, options in (to_plain(targets) or {}).items():
         options = dict(options or {})
-        if not options.get("unit") and is_energy_like(name, options):
-            options["unit"] = "eV"  # the data layer's unit of energies
+        unit = target_unit(name, options)  # eV for an energy without a unit
+        if unit:
+            options["unit"] = unit
         result[name] = options
     return result
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from metatensor.torch import TensorMap
 
-from pl_mtt.config import gradient_alias, is_energy_like
+from pl_mtt.config import gradient_alias, target_unit
 from pl_mtt.training.profiles import align_profile
 
 __all__ = ["Collected", "collect"]
@@ -97,7 +97,7 @@ def _quantities(
     volumes: torch.Tensor,
 ) -> list[tuple[str, str, torch.Tensor, torch.Tensor]]:
     """(quantity, unit, prediction, reference) in physical units for one target."""
-    unit = options.get("unit") or ("eV" if is_energy_like(name, options) else "")
+    unit = target_unit(name, options)
     p, t = _values(prediction), _values(target)
     if options.get("per_atom"):
         quantities = [(name, unit, p, t)]

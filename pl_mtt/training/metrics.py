@@ -20,7 +20,7 @@ import torch
 from metatensor.torch import TensorMap
 from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError
 
-from pl_mtt.config import gradient_alias, is_energy_like
+from pl_mtt.config import gradient_alias, is_energy_like, target_unit
 from pl_mtt.scaling.prepared import physical_pair
 from pl_mtt.tensormaps.batch_atoms import BatchAtoms
 from pl_mtt.tensormaps.block_ops import flat_values
@@ -81,7 +81,7 @@ def metric_specs(
     specs = []
     for name, options in target_options.items():
         options = options or {}
-        unit = options.get("unit") or ("eV" if is_energy_like(name, options) else "")
+        unit = target_unit(name, options)
         divided = name in per_atom_normalized
         suffix = "_per_atom" if divided else ""
         specs.append(
